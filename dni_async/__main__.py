@@ -1,0 +1,3 @@
+from dni_async.cli import main
+
+raise SystemExit(main())

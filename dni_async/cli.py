@@ -1,0 +1,164 @@
+"""The `dni-async` command: reference, train, stage, coordinator.
+
+Bad settings end here with one line on stderr and exit status 2, before any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from dni_async.config import ConfigError, load_toml, make_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run settings (override the preset and --config)")
+    g.add_argument("--config", metavar="FILE", help="TOML file of settings")
+    g.add_argument("--preset", help="named settings: seed (default), tiny, mixed")
+    g.add_argument("--mode", help="backprop | gpipe | dni | cdni")
+    g.add_argument("--dataset", help="binary-addition | mnist1d | digits | PATH.npz")
+    g.add_argument("--bits", type=int)
+    g.add_argument("--n-train", type=int)
+    g.add_argument("--n-test", type=int)
+    g.add_argument("--hidden", help="hidden widths, e.g. 128,64 (one stage per layer)")
+    g.add_argument("--activation", help="hidden activation(s): sigmoid, tanh, relu, identity")
+    g.add_argument("--output-activation")
+    g.add_argument("--loss", help="squared | softmax_xent")
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--init", help="seed | xavier | he")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--generator-lr", type=float)
+    g.add_argument("--generator-hidden", type=int, help="0: linear generator")
+    g.add_argument("--context", help="generator input: auto | h | y | hy")
+    g.add_argument("--micro-batches", type=int, help="gpipe: micro-batches per batch")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", help="float64 | float32")
+    g.add_argument("--eval-every", type=int, help="epochs between held-out evaluations")
+    g.add_argument("--log-every", type=int, help="epochs between progress lines (0: ~20 lines)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting, e.g. --set max_pending=32")
+
+
+def _pipeline_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--transport", help="ipc (default) | tcp")
+    g.add_argument("--host", help="address to bind for tcp (default 127.0.0.1)")
+    g.add_argument("--max-in-flight", type=int, help="batches between sending and loss back")
+    g.add_argument("--run-dir", help="folder for this run's files (default runs/<time>-<mode>)")
+
+
+CONFIG_FLAGS = ("preset", "mode", "dataset", "bits", "n_train", "n_test", "hidden", "activation",
+                "output_activation", "loss", "bias", "init", "epochs", "batch_size", "lr",
+                "generator_lr", "generator_hidden", "context", "micro_batches", "seed", "dtype",
+                "eval_every", "log_every", "transport", "host", "max_in_flight")
+
+
+def config_from_args(args) :
+    values = load_toml(args.config) if getattr(args, "config", None) else {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        values[k.strip().replace("-", "_")] = v.strip()
+    for name in CONFIG_FLAGS:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    return make_config(values)
+
+
+def _cmd_reference(args) -> int:
+    from dni_async import reference, report
+    cfg = config_from_args(args)
+    if args.json:
+        _check_writable(args.json)
+    summary = reference.train(cfg, log=None if args.quiet else print)
+    f = summary["final"]
+    print(f"reference {cfg.mode}: train bit acc {f['train_bit_acc']:.4f} "
+          f"exact {f['train_exact_acc']:.4f} | test bit acc {f['test_bit_acc']:.4f} "
+          f"exact {f['test_exact_acc']:.4f} | {summary['samples_per_s']:,.0f} samples/s "
+          f"| {summary['wall_seconds']:.1f} s")
+    if args.json:
+        report.write_json(args.json, summary)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from dni_async import launch
+    cfg = config_from_args(args)
+    return launch.train(cfg, run_dir=args.run_dir, json_path=args.json, quiet=args.quiet)
+
+
+def _cmd_stage(args) -> int:
+    from dni_async import stage
+    return stage.main(args.run_config, args.rank)
+
+
+def _cmd_coordinator(args) -> int:
+    from dni_async import coordinator
+    return coordinator.main(args.run_config)
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"cannot write {path}: folder {folder} is missing or not writable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dni-async", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command")
+
+    r = sub.add_parser("reference", help="train in one process (the oracle)")
+    _config_flags(r)
+    r.add_argument("--json", metavar="PATH", help="write the run summary here")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_cmd_reference)
+
+    t = sub.add_parser("train", help="train with one OS process per layer (default: the demo)")
+    _config_flags(t)
+    _pipeline_flags(t)
+    t.add_argument("--json", metavar="PATH", help="also write the run summary here")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("stage", help="run one stage process from a run config (config.json)")
+    s.add_argument("run_config", help="the run's config.json with its endpoints")
+    s.add_argument("--rank", type=int, required=True, help="stage index, 0-based")
+    s.set_defaults(func=_cmd_stage)
+
+    c = sub.add_parser("coordinator", help="run the coordinator from a run config (config.json)")
+    c.add_argument("run_config")
+    c.set_defaults(func=_cmd_coordinator)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]   # no flags: the demo
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    if args.command == "train" and not any(getattr(args, n, None) is not None for n in ("mode", "preset", "config")) and not args.set:
+        args.mode = "cdni"   # the default demo trains with synthetic gradients
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"dni-async: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("dni-async: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""One flat run configuration: defaults, presets, overrides from a TOML file or flags, checks.
+
+A run is fully described by a `Config`; it is saved with every run (config.json) and is what
+each process of a pipeline reads to build its part. Presets are named sets of overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+MODES = ("backprop", "gpipe", "dni", "cdni")
+DTYPES = ("float64", "float32")
+TRANSPORTS = ("ipc", "tcp")
+INITS = ("seed", "xavier", "he")
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported as one clear line before any process starts."""
+
+
+@dataclass
+class Config:
+    preset: str = "seed"
+    # data
+    dataset: str = "binary-addition"    # binary-addition | mnist1d | digits | PATH.npz
+    bits: int = 12                      # binary addition: bits of the sum
+    n_train: int = 1000
+    n_test: int = 1000
+    # network: len(hidden) + 1 stages
+    hidden: list = field(default_factory=lambda: [128, 64])
+    activation: list = field(default_factory=lambda: ["sigmoid"])   # per hidden layer; one name = all
+    output_activation: str = "sigmoid"
+    loss: str = "squared"
+    bias: bool = False
+    init: str = "seed"                  # seed: randn * 0.2 - 0.1, as the post did
+    # training
+    mode: str = "backprop"
+    epochs: int = 1000
+    batch_size: int = 10
+    lr: float = 0.1
+    generator_lr: float = 0.0001
+    generator_hidden: int = 0           # 0: linear generator
+    generator_normalize: bool = False
+    context: str = "auto"               # h | y | hy; auto: h for dni, hy for cdni
+    micro_batches: int = 4              # gpipe only
+    seed: int = 1
+    dtype: str = "float64"
+    # pipeline
+    transport: str = "ipc"
+    host: str = "127.0.0.1"
+    max_in_flight: int = 8
+    max_pending: int = 64
+    eval_every: int = 1
+    log_every: int = 0                  # 0: about 20 lines per run
+    heartbeat_s: float = 0.5
+    peer_timeout_s: float = 5.0
+    startup_timeout_s: float = 30.0
+    # resolved from the data at launch
+    input_dim: int = 0
+    output_dim: int = 0
+
+    # -- derived -----------------------------------------------------------------------------
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.hidden) + 1
+
+    @property
+    def widths(self) -> list:
+        return [self.input_dim, *self.hidden, self.output_dim]
+
+    def activations(self) -> list:
+        acts = list(self.activation)
+        if len(acts) == 1:
+            acts = acts * len(self.hidden)
+        return acts + [self.output_activation]
+
+    def generator_context(self) -> str:
+        if self.context != "auto":
+            return self.context
+        return "hy" if self.mode == "cdni" else "h"
+
+    @property
+    def decoupled(self) -> bool:
+        return self.mode in ("dni", "cdni")
+
+    def batches_per_epoch(self) -> int:
+        return self.n_train // self.batch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+PRESETS: dict[str, dict] = {
+    # The seed post's network and training, exactly (24 -> 128 -> 64 -> 12, sigmoid, no bias).
+    "seed": {},
+    # Short runs for tests and smoke checks.
+    "tiny": {"bits": 6, "n_train": 200, "n_test": 200, "hidden": [32, 16], "epochs": 5},
+    # A network with biases, tanh and relu: the second exactness check.
+    "mixed": {"bits": 8, "n_train": 400, "n_test": 400, "hidden": [48, 32, 24],
+              "activation": ["tanh", "relu", "tanh"], "bias": True, "init": "xavier",
+              "lr": 0.01, "epochs": 20, "batch_size": 20},
+}
+
+# Defaults that differ by mode for the seed-like presets: what makes synthetic gradients learn.
+MODE_DEFAULTS: dict[str, dict] = {
+    "dni": {"generator_lr": 0.001},
+    "cdni": {"generator_lr": 0.001},
+}
+
+
+def _coerce(name: str, value, current):
+    """Turn a flag or TOML value into the field's type, or raise ConfigError."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(current, list):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            value = list(value)
+            if name == "hidden":
+                return [int(v) for v in value]
+            return [str(v) for v in value]
+        if isinstance(current, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot read {value!r} as {type(current).__name__}") from None
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    # a [run] table is accepted as well as top-level keys
+    flat = dict(data.get("run", {}))
+    flat.update({k: v for k, v in data.items() if not isinstance(v, dict)})
+    return flat
+
+
+def make_config(overrides: dict | None = None, *, preset: str | None = None) -> Config:
+    """Defaults, then the preset, then mode defaults, then explicit overrides; checked."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset = preset or overrides.pop("preset", None) or "seed"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    cfg = Config(preset=preset)
+    names = {f.name for f in fields(Config)}
+    values = dict(PRESETS[preset])
+    mode = overrides.get("mode", values.get("mode", cfg.mode))
+    values.update(MODE_DEFAULTS.get(mode, {}))
+    values.update(overrides)
+    for name, value in values.items():
+        if name not in names:
+            raise ConfigError(f"unknown setting {name!r}")
+        setattr(cfg, name, _coerce(name, value, getattr(cfg, name)))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a saved config (config.json) exactly, without applying presets again."""
+    cfg = Config()
+    names = {f.name for f in fields(Config)}
+    for name, value in data.items():
+        if name not in names:
+            raise ConfigError(f"unknown setting {name!r}")
+        setattr(cfg, name, _coerce(name, value, getattr(cfg, name)))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from dni_async import nn
+
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.mode in MODES, f"unknown mode {cfg.mode!r} (choose from {', '.join(MODES)})")
+    need(cfg.dtype in DTYPES, f"unknown dtype {cfg.dtype!r} (choose from {', '.join(DTYPES)})")
+    need(cfg.transport in TRANSPORTS, f"unknown transport {cfg.transport!r} (ipc or tcp)")
+    need(cfg.init in INITS, f"unknown init {cfg.init!r} (choose from {', '.join(INITS)})")
+    need(cfg.loss in nn.LOSSES, f"unknown loss {cfg.loss!r} (choose from {', '.join(nn.LOSSES)})")
+    need(len(cfg.hidden) >= 1, "hidden: need at least one hidden layer (two stages)")
+    need(all(w > 0 for w in cfg.hidden), f"hidden: widths must be positive, got {cfg.hidden}")
+    for name in ("bits", "n_train", "n_test", "epochs", "batch_size", "max_in_flight",
+                 "max_pending", "eval_every", "micro_batches"):
+        need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
+    need(cfg.log_every >= 0, "log_every must be >= 0")
+    need(cfg.generator_hidden >= 0, "generator_hidden must be >= 0")
+    need(cfg.lr > 0 and cfg.generator_lr > 0, "lr and generator_lr must be positive")
+    need(cfg.heartbeat_s > 0 and cfg.peer_timeout_s > cfg.heartbeat_s,
+         "need 0 < heartbeat_s < peer_timeout_s")
+    need(cfg.bits <= 62, "bits must be <= 62")
+    need(cfg.batch_size <= cfg.n_train,
+         f"batch_size {cfg.batch_size} is larger than the training set ({cfg.n_train})")
+    acts = cfg.activation
+    need(len(acts) in (1, len(cfg.hidden)),
+         f"activation: give one name or one per hidden layer ({len(cfg.hidden)}), got {len(acts)}")
+    for a in cfg.activations():
+        need(a in nn.ACTIVATIONS, f"unknown activation {a!r} (choose from {', '.join(nn.ACTIVATIONS)})")
+    need("softmax" not in cfg.activations()[:-1], "softmax is only allowed as the output activation")
+    need((cfg.loss == "softmax_xent") == (cfg.output_activation == "softmax"),
+         "softmax output and softmax_xent loss go together")
+    ctx = cfg.generator_context()
+    need(ctx in nn.CONTEXTS, f"unknown context {ctx!r} (choose from auto, {', '.join(nn.CONTEXTS)})")
+    if cfg.mode == "gpipe":
+        need(cfg.batch_size % cfg.micro_batches == 0,
+             f"gpipe: batch_size {cfg.batch_size} must divide into {cfg.micro_batches} micro-batches")

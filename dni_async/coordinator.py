@@ -1,0 +1,326 @@
+"""The coordinator process: feeds batches, keeps the credit count, collects loss and metrics.
+
+    dni-async coordinator RUN_DIR/config.json
+
+Sockets: control ROUTER (bind; every stage's DEALER connects), results PULL (bind; loss and eval
+sums from the last stage, `done` from stage 0), feed PUSH (connect to stage 0's fwd_in).
+
+Flow control is by credits: at most `max_in_flight` batches are between being sent and being
+finished. A batch is finished when its loss is back (dni, cdni) or, in lockstep modes, when
+its backward pass has also reached stage 0. Lockstep uses one credit: batch b+1 leaves only
+after batch b has updated every stage. Liveness comes from the application: each stage sends
+a heartbeat from its own loop, so a stuck loop is caught as surely as a dead process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from dni_async import metrics, network, report, wire
+from dni_async.config import ConfigError
+from dni_async.runspec import RunSpec
+from dni_async.timing import Clock
+
+EXIT_STAGE_LOST = 3
+
+
+class StageLost(RuntimeError):
+    pass
+
+
+class Coordinator:
+    def __init__(self, spec: RunSpec):
+        self.spec, self.cfg = spec, spec.config
+        self.n = self.cfg.n_stages
+        ds, _ = network.load_data_and_rng(self.cfg)
+        self.ds = ds
+        self.clock = Clock(record_spans=spec.trace)
+        self.bad_messages = 0
+        self.last_seen = {}
+        self.stats = {}
+        self.pids = {}
+        self.open = {}            # step -> what it still waits for
+        self.epoch_sums = metrics.empty()
+        self.eval_results = {}
+        self.completed_steps = 0
+        self._open_sockets()
+
+    def _open_sockets(self) -> None:
+        ep = self.spec.endpoints
+        self.ctx = wire.make_context()
+        self.control = wire.socket(self.ctx, zmq.ROUTER, max_msg_bytes=1 << 20)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.setsockopt(zmq.SNDTIMEO, int(self.cfg.peer_timeout_s * 1000))
+        self.control.bind(ep["control"])
+        self.results = wire.socket(self.ctx, zmq.PULL, max_msg_bytes=1 << 20)
+        self.results.bind(ep["results"])
+        self.feed = wire.socket(self.ctx, zmq.PUSH)
+        self.feed.setsockopt(zmq.SNDTIMEO, int(self.cfg.peer_timeout_s * 1000))
+        self.feed.connect(ep["fwd_in"][0])
+        self.sockets = [self.control, self.results, self.feed]
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.results, zmq.POLLIN)
+
+    def close(self) -> None:
+        wire.close_all(self.ctx, self.sockets)
+
+    # -- control plane --------------------------------------------------------------------
+
+    def _to_stage(self, rank: int, kind: str, meta=None) -> None:
+        frames = wire.encode(self.spec.run_id, kind, -1, (), meta)
+        try:
+            self.control.send_multipart([f"stage-{rank}".encode(), *frames])
+        except zmq.ZMQError as exc:   # unroutable (stage gone) or send timeout
+            raise StageLost(f"stage {rank} is unreachable ({exc.strerror})") from None
+
+    def _broadcast(self, kind: str, meta=None) -> None:
+        for k in range(self.n):
+            self._to_stage(k, kind, meta)
+
+    def _on_control(self) -> None:
+        frames = self.control.recv_multipart(copy=False)
+        ident = frames[0].bytes
+        try:
+            msg = wire.decode(frames[1:], self.spec.run_id, max_array_bytes=0)
+        except wire.WireError:
+            self.bad_messages += 1
+            return
+        rank = _rank_of(ident, self.n)
+        if rank is None:
+            self.bad_messages += 1
+            return
+        self.last_seen[rank] = time.monotonic()
+        if msg.kind == "hello":
+            self.pids[rank] = msg.meta.get("pid")
+        elif msg.kind == "stats":
+            self.stats[rank] = msg.meta
+        elif msg.kind == "error":
+            raise StageLost(f"stage {rank} failed: {msg.meta.get('message', '?')}")
+        elif msg.kind != "heartbeat":
+            self.bad_messages += 1
+
+    def _on_result(self) -> None:
+        try:
+            msg = wire.recv(self.results, self.spec.run_id, 0, max_array_bytes=0)
+        except wire.WireError:
+            self.bad_messages += 1
+            return
+        if msg is None:
+            return
+        if msg.kind == "evalres":
+            self.eval_results[msg.step] = msg.meta.get("sums")
+            return
+        waits = self.open.get(msg.step)
+        if msg.kind not in ("loss", "done") or waits is None or msg.kind not in waits:
+            self.bad_messages += 1
+            return
+        if msg.kind == "loss":
+            sums = msg.meta.get("sums")
+            if not isinstance(sums, dict) or set(sums) != set(metrics.SUM_KEYS):
+                self.bad_messages += 1
+                return
+            metrics.add(self.epoch_sums, sums)
+        waits.discard(msg.kind)
+        if not waits:
+            del self.open[msg.step]
+            self.completed_steps += 1
+
+    def pump(self, timeout_s: float) -> None:
+        """Handle whatever arrives within `timeout_s`; heartbeats out; liveness checked."""
+        with self.clock.span("wait"):
+            ready = dict(self.poller.poll(int(timeout_s * 1000)))
+        if self.control in ready:
+            self._on_control()
+        if self.results in ready:
+            self._on_result()
+        now = time.monotonic()
+        if now >= self.next_beat:
+            self._broadcast("heartbeat")
+            self.next_beat = now + self.cfg.heartbeat_s
+        for k in range(self.n):
+            if now - self.last_seen.get(k, now) > self.cfg.peer_timeout_s:
+                raise StageLost(f"stage {k} has been silent for {now - self.last_seen[k]:.1f} s "
+                                f"(last completed step {self.completed_steps - 1})")
+
+    # -- the run --------------------------------------------------------------------------
+
+    def handshake(self) -> None:
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        self.next_beat = float("inf")
+        while len(self.pids) < self.n:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.n)) - set(self.pids))
+                raise StageLost(f"stage(s) {missing} did not say hello within "
+                                f"{self.cfg.startup_timeout_s:.0f} s")
+            if self.control.poll(100):
+                self._on_control()
+        self._broadcast("start")
+        self.next_beat = time.monotonic() + self.cfg.heartbeat_s
+
+    def _send_batch(self, step: int, x, y, meta=None) -> None:
+        with self.clock.span("send", step):
+            try:
+                wire.send(self.feed, self.spec.run_id, "fwd", step, [x, y], meta)
+            except zmq.Again:
+                raise StageLost("stage 0 took no batch for "
+                                f"{self.cfg.peer_timeout_s:.0f} s") from None
+
+    def _wait_credit(self, limit: int) -> None:
+        while len(self.open) >= limit:
+            self.pump(self.cfg.heartbeat_s)
+
+    def train_epoch(self, epoch: int) -> None:
+        cfg, ds = self.cfg, self.ds
+        bs, bpe = cfg.batch_size, cfg.batches_per_epoch()
+        lockstep = not cfg.decoupled
+        limit = 1 if lockstep else cfg.max_in_flight
+        waits = {"loss", "done"} if lockstep else {"loss"}
+        for i in range(bpe):
+            b = epoch * bpe + i
+            x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
+            if cfg.mode == "gpipe":
+                m = cfg.micro_batches
+                self._wait_credit(1)
+                for j, (xm, ym) in enumerate(zip(np.array_split(x, m), np.array_split(y, m))):
+                    step = b * m + j
+                    self.open[step] = set(waits)
+                    self._send_batch(step, xm, ym, {"batch": b, "mb": j, "of": m})
+            else:
+                self._wait_credit(limit)
+                self.open[b] = set(waits)
+                self._send_batch(b, x, y)
+        self._wait_credit(1)   # drain: every batch of the epoch is finished
+
+    def evaluate(self, x, y, tag: int) -> dict:
+        """Forward-only pass through the stages; the last stage sends back metric sums."""
+        chunk = 4096
+        steps = []
+        for j, i in enumerate(range(0, len(x), chunk)):
+            step = tag * 1000 + j
+            steps.append(step)
+            with self.clock.span("send", step):
+                wire.send(self.feed, self.spec.run_id, "eval", step, [x[i:i + chunk], y[i:i + chunk]])
+        while not all(s in self.eval_results for s in steps):
+            self.pump(self.cfg.heartbeat_s)
+        total = metrics.empty()
+        for s in steps:
+            sums = self.eval_results.pop(s)
+            if not isinstance(sums, dict) or set(sums) != set(metrics.SUM_KEYS):
+                raise StageLost("the last stage sent malformed eval results")
+            metrics.add(total, sums)
+        return total
+
+    def run(self, log=print) -> dict:
+        cfg, ds = self.cfg, self.ds
+        wall0 = time.perf_counter()
+        self.handshake()
+        history, train_seconds = [], 0.0
+        every = report.log_every(cfg)
+        samples = cfg.batches_per_epoch() * cfg.batch_size
+        n_eval = 0
+        for epoch in range(cfg.epochs):
+            self.epoch_sums = metrics.empty()
+            t0 = time.perf_counter()
+            self.train_epoch(epoch)
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            test = None
+            if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
+                n_eval += 1
+                test = metrics.summarize(self.evaluate(ds.x_test, ds.y_test, n_eval), "test")
+            row = report.history_row(epoch, self.epoch_sums, test, train_seconds,
+                                     samples / dt if dt else 0.0)
+            history.append(row)
+            if log and ((epoch + 1) % every == 0 or epoch == cfg.epochs - 1):
+                log(report.format_row(row, cfg.epochs), flush=True)
+        final = {**metrics.summarize(self.evaluate(ds.x_train, ds.y_train, n_eval + 1), "train"),
+                 **metrics.summarize(self.evaluate(ds.x_test, ds.y_test, n_eval + 2), "test")}
+        self._stop_stages()
+        return self._summary(history, final, train_seconds, time.perf_counter() - wall0)
+
+    def _stop_stages(self) -> None:
+        self._broadcast("stop")
+        deadline = time.monotonic() + self.cfg.peer_timeout_s
+        while len(self.stats) < self.n and time.monotonic() < deadline:
+            if self.control.poll(100):
+                self._on_control()
+        if len(self.stats) < self.n:
+            missing = sorted(set(range(self.n)) - set(self.stats))
+            raise StageLost(f"stage(s) {missing} sent no final stats")
+
+    def _summary(self, history, final, train_seconds, wall) -> dict:
+        cfg = self.cfg
+        stages = [self.stats[k] for k in range(self.n)]
+        total_samples = cfg.epochs * cfg.batches_per_epoch() * cfg.batch_size
+        return {
+            "kind": "pipeline",
+            "run_id": self.spec.run_id,
+            "run_dir": self.spec.run_dir,
+            "config": cfg.to_dict(),
+            "endpoints": self.spec.endpoints,
+            "history": history,
+            "final": final,
+            "wall_seconds": wall,
+            "train_seconds": train_seconds,
+            "samples_per_s": total_samples / train_seconds if train_seconds else 0.0,
+            "weights_sha256": [s["weights_sha256"] for s in stages],
+            "stage_busy": [s["busy"] / s["wall"] if s["wall"] else 0.0 for s in stages],
+            "stages": stages,
+            "bad_messages": {"coordinator": self.bad_messages,
+                             **{f"stage-{s['rank']}": s["bad_messages"] for s in stages}},
+            "coordinator_times": self.clock.totals,
+            "machine": report.machine(),
+        }
+
+
+def _rank_of(ident: bytes, n: int):
+    try:
+        name = ident.decode()
+        if name.startswith("stage-"):
+            k = int(name[6:])
+            if 0 <= k < n:
+                return k
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return None
+
+
+def main(spec_path: str) -> int:
+    spec = RunSpec.load(spec_path)
+    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
+    coord = Coordinator(spec)
+    try:
+        summary = coord.run()
+        report.write_json(os.path.join(spec.run_dir, "summary.json"), summary)
+        report.write_history_csv(os.path.join(spec.run_dir, "metrics.csv"), summary["history"])
+        if spec.trace:
+            from dni_async import trace
+            trace.write_spans(spec.run_dir, "coordinator", os.getpid(), coord.clock.spans)
+        return 0
+    except StageLost as exc:
+        print(f"dni-async: {exc}", file=sys.stderr)
+        report.write_json(os.path.join(spec.run_dir, "failure.json"),
+                          {"error": str(exc), "last_completed_step": coord.completed_steps - 1})
+        _try_stop(coord)
+        return EXIT_STAGE_LOST
+    except KeyboardInterrupt:
+        _try_stop(coord)
+        return 130
+    finally:
+        coord.close()
+
+
+def _try_stop(coord: Coordinator) -> None:
+    """Best effort: tell every stage to stop, without waiting for answers."""
+    for k in range(coord.n):
+        try:
+            coord._to_stage(k, "stop")
+        except (StageLost, zmq.ZMQError):
+            pass

@@ -1,0 +1,203 @@
+"""`dni-async train`: start the coordinator and one process per stage, watch them, end them all.
+
+The supervisor owns every process it starts. It returns only when all of them have exited:
+on success, when one fails (the rest are stopped and the failed one is named), and on Ctrl-C
+or SIGTERM (everyone is asked to stop, then killed after a grace period). Children also die
+with the supervisor (PR_SET_PDEATHSIG), so not even a SIGKILL of `train` leaves orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from dni_async import network, report
+from dni_async.config import Config, ConfigError
+from dni_async.runspec import RunSpec, plan_endpoints, remove_ipc_files
+
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+            "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+GRACE_S = 1.5
+
+
+def child_env(blas_threads: int = 1) -> dict:
+    """One BLAS thread per process: N stages on few cores must not oversubscribe them."""
+    env = dict(os.environ)
+    for k in BLAS_ENV:
+        env[k] = str(blas_threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def default_run_dir(cfg: Config) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{stamp}-{cfg.mode}-{os.getpid()}")
+
+
+def prepare(cfg: Config, run_dir: str | None, trace: bool = False):
+    """Check what can be checked before any process starts; write the run's config.json."""
+    ds, _ = network.load_data_and_rng(cfg)
+    network.resolve_dims(cfg, ds)
+    run_dir = os.path.abspath(run_dir or default_run_dir(cfg))
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run folder {run_dir}: {exc.strerror}") from None
+    ipc_dir = tempfile.mkdtemp(prefix="dni-") if cfg.transport == "ipc" else None
+    try:
+        endpoints = plan_endpoints(cfg, ipc_dir)
+    except (OSError, ValueError) as exc:
+        if ipc_dir:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
+        raise ConfigError(f"cannot plan endpoints: {exc}") from None
+    spec = RunSpec(config=cfg, run_dir=run_dir, endpoints=endpoints, trace=trace)
+    spec.save(os.path.join(run_dir, "config.json"))
+    return spec, ipc_dir
+
+
+class Supervisor:
+    def __init__(self, spec: RunSpec, quiet: bool = False):
+        self.spec = spec
+        self.quiet = quiet
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> None:
+        path = os.path.join(self.spec.run_dir, "config.json")
+        env = child_env(1)
+        py = [sys.executable, "-m", "dni_async"]
+        out = subprocess.DEVNULL if self.quiet else None
+        for k in range(self.spec.config.n_stages):
+            self.procs[f"stage {k}"] = subprocess.Popen(
+                [*py, "stage", path, "--rank", str(k)], env=env, preexec_fn=_die_with_parent)
+        self.procs["coordinator"] = subprocess.Popen(
+            [*py, "coordinator", path], env=env, stdout=out, preexec_fn=_die_with_parent)
+
+    def watch(self) -> tuple[int, str | None]:
+        """Wait for the coordinator; if any process fails first, return (status, who)."""
+        coord = self.procs["coordinator"]
+        while True:
+            rc = coord.poll()
+            if rc is not None:
+                if rc != 0:
+                    return rc, "coordinator"
+                return self._await_stages()
+            for name, p in self.procs.items():
+                # a stage that fails makes the run fail; one that ends cleanly was told to stop
+                if name != "coordinator" and p.poll() not in (None, 0):
+                    time.sleep(0.2)   # let the coordinator write its own account first
+                    return p.returncode, name
+            time.sleep(0.05)
+
+    def _await_stages(self) -> tuple[int, str | None]:
+        deadline = time.monotonic() + 5.0
+        for name, p in self.procs.items():
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return EXIT_FAILED, name
+            if p.returncode != 0:
+                return p.returncode, name
+        return 0, None
+
+    def stop_all(self, grace: float = GRACE_S) -> None:
+        alive = [p for p in self.procs.values() if p.poll() is None]
+        for p in alive:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for p in alive:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
+          quiet: bool = False, trace: bool = False) -> int:
+    if json_path:
+        folder = os.path.dirname(os.path.abspath(json_path))
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"cannot write {json_path}: folder {folder} is not writable")
+    spec, ipc_dir = prepare(cfg, run_dir, trace)
+    if not quiet:
+        print(f"dni-async train: {cfg.mode}, {cfg.n_stages} stage processes + coordinator, "
+              f"{cfg.transport}, widths {cfg.widths}, run folder {spec.run_dir}", flush=True)
+    sup = Supervisor(spec, quiet=quiet)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    status, who = EXIT_FAILED, None
+    try:
+        sup.start()
+        status, who = sup.watch()
+    except KeyboardInterrupt:
+        status, who = EXIT_INTERRUPTED, None
+        print("dni-async: interrupted; stopping every process", file=sys.stderr)
+    finally:
+        sup.stop_all()
+        remove_ipc_files(spec.endpoints)
+        if ipc_dir:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+    if status == 0:
+        summary = _read(os.path.join(spec.run_dir, "summary.json"))
+        if json_path:
+            report.write_json(json_path, summary)
+        if not quiet:
+            print(summary_text(summary))
+        return 0
+    if status != EXIT_INTERRUPTED:
+        failure = _read(os.path.join(spec.run_dir, "failure.json")) or {}
+        detail = failure.get("error") or f"{who} exited with status {status}"
+        print(f"dni-async train: failed: {detail}", file=sys.stderr)
+        return EXIT_FAILED if status in (0, None) else max(1, min(status, 125))
+    return EXIT_INTERRUPTED
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _read(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def summary_text(s: dict) -> str:
+    f = s["final"]
+    busy = "  ".join(f"stage {k}: {b:.0%}" for k, b in enumerate(s["stage_busy"]))
+    bad = sum(s["bad_messages"].values())
+    return (f"\n== {s['config']['mode']} across {len(s['stage_busy'])} stage processes ==\n"
+            f"train: bit accuracy {f['train_bit_acc']:.4f}  exact {f['train_exact_acc']:.4f}  "
+            f"loss {f['train_loss']:.5f}\n"
+            f"held-out: bit accuracy {f['test_bit_acc']:.4f}  exact {f['test_exact_acc']:.4f}\n"
+            f"throughput: {s['samples_per_s']:,.0f} samples/s over {s['train_seconds']:.1f} s "
+            f"of training ({s['wall_seconds']:.1f} s wall)\n"
+            f"busy share: {busy}\n"
+            f"bad messages dropped: {bad}\n"
+            f"run folder: {s.get('run_dir')}")

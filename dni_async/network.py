@@ -1,0 +1,62 @@
+"""Building the network: data first, then weights layer by layer, from one seeded stream.
+
+Every process of a pipeline calls `build` with the same config and keeps its own stage, so a
+layer starts identical wherever it runs (and identical to the single-process reference).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dni_async import data as data_mod
+from dni_async import nn
+from dni_async.config import Config
+from dni_async.stage_model import StageModel
+
+
+def init_weights(cfg: Config, rng: np.random.RandomState, fan_in: int, fan_out: int):
+    if cfg.init == "seed":
+        return rng.randn(fan_in, fan_out) * 0.2 - 0.1
+    if cfg.init == "xavier":
+        return rng.randn(fan_in, fan_out) * np.sqrt(1.0 / fan_in)
+    return rng.randn(fan_in, fan_out) * np.sqrt(2.0 / fan_in)   # he
+
+
+def load_data_and_rng(cfg: Config):
+    """The dataset, and the stream positioned where the weights start (the seed's order)."""
+    rng = np.random.RandomState(cfg.seed)
+    return data_mod.load(cfg, rng), rng
+
+
+def resolve_dims(cfg: Config, dataset) -> Config:
+    cfg.input_dim, cfg.output_dim = dataset.input_dim, dataset.output_dim
+    return cfg
+
+
+def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
+    """StageModels for the given ranks (0-based; all by default). Draws every layer's weights
+    in order whatever the ranks, so stage k's weights never depend on which process asks."""
+    dtype = np.dtype(cfg.dtype)
+    widths, acts = cfg.widths, cfg.activations()
+    n = cfg.n_stages
+    ranks = range(n) if ranks is None else ranks
+    weights = [init_weights(cfg, rng, widths[k], widths[k + 1]) for k in range(n)]
+    models = {}
+    for k in ranks:
+        W = weights[k].astype(dtype)
+        b = np.zeros(widths[k + 1], dtype) if cfg.bias else None
+        layer = nn.Dense(W, b, acts[k])
+        last = k == n - 1
+        gen = None
+        if cfg.decoupled and not last:
+            ctx = cfg.generator_context()
+            ctx_dim = {"h": widths[k + 1], "y": cfg.output_dim,
+                       "hy": widths[k + 1] + cfg.output_dim}[ctx]
+            gen = nn.Generator(ctx_dim, widths[k + 1], cfg.generator_lr, dtype,
+                               hidden=cfg.generator_hidden,
+                               rng=np.random.RandomState([cfg.seed, 2, k]),
+                               normalize=cfg.generator_normalize)
+        models[k] = StageModel(layer, lr=cfg.lr, loss=cfg.loss if last else None,
+                               generator=gen, context=cfg.generator_context(),
+                               max_pending=cfg.max_pending)
+    return [models[k] for k in ranks]

@@ -1,0 +1,127 @@
+"""The single-process reference trainer: every stage's rules, run in order in one process.
+
+    dni-async reference --preset seed --mode backprop     # the seed post's run
+    dni-async reference --preset seed --mode cdni
+
+The pipeline must reproduce this run: in lockstep modes bit for bit, in decoupled modes in
+distribution (targets reach generators at other moments there).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from dni_async import metrics, network, nn, report
+from dni_async.config import Config
+
+
+def train_step(models, cfg: Config, step: int, x, y) -> dict:
+    """One batch through every stage; returns the batch's metric sums (taken before updates)."""
+    n = len(models)
+    if cfg.mode == "gpipe":
+        return _gpipe_step(models, cfg, x, y)
+    hs = [x]
+    targets = [None] * n
+    for k in range(n - 1):
+        hs.append(models[k].forward(hs[k]))
+        if cfg.decoupled:
+            targets[k] = models[k].synthetic_update(step, hs[k], hs[k + 1], y,
+                                                    need_grad_input=k > 0)
+    hs.append(models[-1].forward(hs[-1]))
+    g, delta = models[-1].backward_from_loss(hs[n - 1], hs[n], y, need_grad_input=n > 1)
+    sums = metrics.batch_sums(_task(cfg), cfg.loss, hs[n], y, delta)
+    if cfg.decoupled:
+        targets[n - 1] = g
+        for k in range(n - 1):
+            models[k].apply_target(step, targets[k + 1])
+    else:
+        for k in range(n - 2, -1, -1):
+            g = models[k].backward(hs[k], hs[k + 1], g, need_grad_input=k > 0)
+    return sums
+
+
+def _gpipe_step(models, cfg: Config, x, y) -> dict:
+    """Micro-batches through every stage, gradients summed, one update per batch."""
+    n = len(models)
+    acc = [None] * n
+    total = metrics.empty()
+    for xm, ym in zip(np.array_split(x, cfg.micro_batches), np.array_split(y, cfg.micro_batches)):
+        hs = [xm]
+        for k in range(n):
+            hs.append(models[k].forward(hs[k]))
+        delta = None
+        for k in range(n - 1, -1, -1):
+            layer = models[k].layer
+            if k == n - 1:
+                delta = nn.output_delta(cfg.loss, layer.activation, hs[n], ym)
+                metrics.add(total, metrics.batch_sums(_task(cfg), cfg.loss, hs[n], ym, delta))
+                d = delta
+            else:
+                d = layer.delta(hs[k + 1], g)
+            g = layer.grad_input(d) if k > 0 else None
+            gW, gb = layer.gradients(hs[k], d)
+            acc[k] = (gW, gb) if acc[k] is None else (acc[k][0] + gW,
+                                                      None if gb is None else acc[k][1] + gb)
+    for k in range(n):
+        models[k].layer.apply(acc[k][0], acc[k][1], models[k].lr)
+    return total
+
+
+def _task(cfg: Config) -> str:
+    return "bits" if cfg.dataset == "binary-addition" else "classes"
+
+
+def evaluate(models, cfg: Config, x, y, chunk: int = 4096) -> dict:
+    sums = metrics.empty()
+    for i in range(0, len(x), chunk):
+        h = x[i:i + chunk]
+        for m in models:
+            h = m.forward(h)
+        metrics.add(sums, metrics.batch_sums(_task(cfg), cfg.loss, h, y[i:i + chunk]))
+    return sums
+
+
+def train(cfg: Config, log=print) -> dict:
+    """Train in one process; returns the run summary (the same keys `train` writes)."""
+    wall0 = time.perf_counter()
+    ds, rng = network.load_data_and_rng(cfg)
+    network.resolve_dims(cfg, ds)
+    models = network.build(cfg, rng)
+    bpe, bs = cfg.batches_per_epoch(), cfg.batch_size
+    every = report.log_every(cfg)
+    history, train_seconds = [], 0.0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        sums = metrics.empty()
+        for i in range(bpe):
+            x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
+            metrics.add(sums, train_step(models, cfg, epoch * bpe + i, x, y))
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        test = None
+        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
+            test = metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")
+        row = report.history_row(epoch, sums, test, train_seconds, bpe * bs / dt if dt else 0.0)
+        history.append(row)
+        if log and ((epoch + 1) % every == 0 or epoch == cfg.epochs - 1):
+            log(report.format_row(row, cfg.epochs))
+    final = {**metrics.summarize(evaluate(models, cfg, ds.x_train, ds.y_train), "train"),
+             **metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")}
+    return {
+        "kind": "reference",
+        "config": cfg.to_dict(),
+        "history": history,
+        "final": final,
+        "wall_seconds": time.perf_counter() - wall0,
+        "train_seconds": train_seconds,
+        "samples_per_s": cfg.epochs * bpe * bs / train_seconds if train_seconds else 0.0,
+        "weights_sha256": [m.weights_sha256() for m in models],
+        "generators": _generator_counters(models),
+        "machine": report.machine(),
+    }
+
+
+def _generator_counters(models) -> list:
+    return [dict(m.counters) for m in models if m.generator is not None]

@@ -1,0 +1,102 @@
+"""What a run records and prints: one history row per epoch, a summary, the run folder's files.
+
+The reference trainer and the pipeline's coordinator both use this, so their histories have
+the same keys and can be compared number for number.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+
+import numpy as np
+
+from dni_async import metrics
+
+HISTORY_KEYS = ("epoch", "delta_l1", "loss", "train_bit_acc", "train_exact_acc",
+                "test_bit_acc", "test_exact_acc", "seconds", "samples_per_s")
+
+
+def history_row(epoch: int, train_sums: dict, test: dict | None, seconds: float,
+                samples_per_s: float) -> dict:
+    t = metrics.summarize(train_sums, "train")
+    row = {
+        "epoch": epoch,
+        "delta_l1": train_sums["delta_l1"],
+        "loss": t["train_loss"],
+        "train_bit_acc": t["train_bit_acc"],
+        "train_exact_acc": t["train_exact_acc"],
+        "test_bit_acc": test["test_bit_acc"] if test else None,
+        "test_exact_acc": test["test_exact_acc"] if test else None,
+        "seconds": seconds,
+        "samples_per_s": samples_per_s,
+    }
+    return row
+
+
+def log_every(cfg) -> int:
+    return cfg.log_every or max(1, cfg.epochs // 20)
+
+
+def format_row(row: dict, epochs: int) -> str:
+    test = "" if row["test_bit_acc"] is None else (
+        f"  test bit {row['test_bit_acc']:.4f} exact {row['test_exact_acc']:.3f}")
+    return (f"epoch {row['epoch'] + 1:>5}/{epochs}  delta_l1 {row['delta_l1']:.6g}  "
+            f"loss {row['loss']:.5f}  train bit {row['train_bit_acc']:.4f} "
+            f"exact {row['train_exact_acc']:.3f}{test}  {row['samples_per_s']:,.0f} samples/s")
+
+
+def machine() -> dict:
+    """Library versions and BLAS thread settings, recorded with every run."""
+    info = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "blas_threads": {k: os.environ.get(k) for k in
+                         ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+    }
+    for mod in ("zmq", "msgpack"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            info[mod] = getattr(m, "__version__", None) or ".".join(map(str, getattr(m, "version", ())))
+    if "zmq" in sys.modules:
+        info["libzmq"] = sys.modules["zmq"].zmq_version()
+    return info
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, rename: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, default=_jsonable).encode())
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"not JSON serializable: {type(v)}")
+
+
+def write_history_csv(path: str, history: list) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(HISTORY_KEYS), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)

@@ -1,0 +1,327 @@
+"""One stage process: one layer, its sockets, and the loop that moves its batches.
+
+    dni-async stage RUN_DIR/config.json --rank K
+
+Sockets (K is this stage, 0-based):
+  fwd_in   PULL bind     activations (or the coordinator's x) and labels for each batch
+  fwd_out  PUSH connect  to stage K+1's fwd_in
+  grad_in  PULL bind     dL/dh (lockstep) or the generator's target (decoupled) from stage K+1
+  grad_out PUSH connect  to stage K-1's grad_in
+  results  PUSH connect  to the coordinator: loss and eval sums (last stage), `done` (stage 0)
+  control  DEALER        to the coordinator's ROUTER: hello, start, heartbeat, stats, stop
+
+In lockstep modes a stage keeps each batch's input and output until its gradient comes back.
+In dni/cdni it sends its output on, updates from its own synthetic gradient at once, and
+trains its generator whenever the matching target arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from dni_async import metrics, network, wire
+from dni_async.config import ConfigError
+from dni_async.runspec import RunSpec
+from dni_async.timing import Clock
+
+EXIT_PEER_LOST = 3
+
+
+class PeerLost(RuntimeError):
+    """The coordinator or a neighbour stopped answering."""
+
+
+class Stage:
+    def __init__(self, spec: RunSpec, rank: int):
+        cfg = spec.config
+        if not 0 <= rank < cfg.n_stages:
+            raise ConfigError(f"rank {rank} is outside 0..{cfg.n_stages - 1}")
+        self.spec, self.cfg, self.rank = spec, cfg, rank
+        self.n = cfg.n_stages
+        self.last = rank == self.n - 1
+        self.task = "bits" if cfg.dataset == "binary-addition" else "classes"
+        _, rng = network.load_data_and_rng(cfg)
+        self.model = network.build(cfg, rng, ranks=[rank])[0]
+        self.clock = Clock(record_spans=spec.trace)
+        self.bad_messages = 0
+        self.waiting: dict[int, tuple] = {}     # lockstep: step -> (x, h) until its gradient
+        self.accum = None                        # gpipe: summed gradients of the current batch
+        self.accum_count = 0
+        self.batches = 0
+        self.stopping = False
+        self._open_sockets()
+
+    # -- sockets --------------------------------------------------------------------------
+
+    def _open_sockets(self) -> None:
+        ep, k = self.spec.endpoints, self.rank
+        self.ctx = wire.make_context()
+        socks = []
+        timeout_ms = int(self.cfg.peer_timeout_s * 1000)
+
+        def make(kind, **kw):
+            s = wire.socket(self.ctx, kind, **kw)
+            socks.append(s)
+            return s
+
+        self.fwd_in = make(zmq.PULL, max_msg_bytes=wire.DEFAULT_MAX_ARRAY_BYTES)
+        self.fwd_in.bind(ep["fwd_in"][k])
+        self.grad_in = None
+        if not self.last:
+            self.grad_in = make(zmq.PULL, max_msg_bytes=wire.DEFAULT_MAX_ARRAY_BYTES)
+            self.grad_in.bind(ep["grad_in"][k])
+        self.fwd_out = self.grad_out = None
+        if not self.last:
+            self.fwd_out = make(zmq.PUSH)
+            self.fwd_out.setsockopt(zmq.SNDTIMEO, timeout_ms)
+            self.fwd_out.connect(ep["fwd_in"][k + 1])
+        if k > 0:
+            self.grad_out = make(zmq.PUSH)
+            self.grad_out.setsockopt(zmq.SNDTIMEO, timeout_ms)
+            self.grad_out.connect(ep["grad_in"][k - 1])
+        self.results = make(zmq.PUSH)
+        self.results.setsockopt(zmq.SNDTIMEO, timeout_ms)
+        self.results.connect(ep["results"])
+        self.control = make(zmq.DEALER, max_msg_bytes=1 << 20)
+        self.control.setsockopt(zmq.IDENTITY, f"stage-{k}".encode())
+        self.control.setsockopt(zmq.SNDTIMEO, timeout_ms)
+        self.control.connect(ep["control"])
+        self.sockets = socks
+        self.poller = zmq.Poller()
+        for s in (self.control, self.fwd_in, self.grad_in):
+            if s is not None:
+                self.poller.register(s, zmq.POLLIN)
+
+    def close(self) -> None:
+        wire.close_all(self.ctx, self.sockets)
+
+    def _send(self, sock, kind, step=-1, arrays=(), meta=None) -> None:
+        with self.clock.span("send", step):
+            try:
+                wire.send(sock, self.spec.run_id, kind, step, arrays, meta)
+            except zmq.Again:
+                raise PeerLost(f"stage {self.rank}: a peer took no {kind} message for "
+                               f"{self.cfg.peer_timeout_s:.0f} s") from None
+
+    def _recv(self, sock):
+        try:
+            return wire.recv(sock, self.spec.run_id, 0)
+        except wire.WireError:
+            self.bad_messages += 1
+            return None
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._send(self.control, "hello", meta={"rank": self.rank, "pid": os.getpid(),
+                                                "host": os.uname().nodename})
+        self.heard = time.monotonic()
+        self.next_beat = time.monotonic() + self.cfg.heartbeat_s
+        self._await_start()
+        while not self.stopping:
+            self._pump(self.cfg.heartbeat_s)
+        return 0
+
+    def _await_start(self) -> None:
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.control.poll(100):
+                msg = self._recv(self.control)
+                if msg is None:
+                    continue
+                self.heard = time.monotonic()
+                if msg.kind == "start":
+                    return
+                if msg.kind == "stop":
+                    raise PeerLost(f"stage {self.rank}: told to stop before the start")
+        raise PeerLost(f"stage {self.rank}: no start from the coordinator within "
+                       f"{self.cfg.startup_timeout_s:.0f} s")
+
+    def _pump(self, timeout_s: float) -> None:
+        with self.clock.span("wait"):
+            ready = dict(self.poller.poll(int(timeout_s * 1000)))
+        now = time.monotonic()
+        if now >= self.next_beat:
+            self._send(self.control, "heartbeat", meta={"batches": self.batches})
+            self.next_beat = now + self.cfg.heartbeat_s
+        if self.control in ready:
+            self._on_control()
+        # gradients first: they free memory and unblock lockstep
+        if self.grad_in is not None and self.grad_in in ready:
+            msg = self._recv(self.grad_in)
+            if msg is not None:
+                self._on_grad(msg)
+        if self.fwd_in in ready:
+            msg = self._recv(self.fwd_in)
+            if msg is not None:
+                self._on_fwd(msg)
+        if time.monotonic() - self.heard > self.cfg.peer_timeout_s:
+            raise PeerLost(f"stage {self.rank}: no word from the coordinator for "
+                           f"{self.cfg.peer_timeout_s:.0f} s")
+
+    def _on_control(self) -> None:
+        msg = self._recv(self.control)
+        if msg is None:
+            return
+        self.heard = time.monotonic()
+        if msg.kind == "stop":
+            self._finish()
+        elif msg.kind not in ("heartbeat", "start"):
+            self.bad_messages += 1
+
+    def _finish(self) -> None:
+        """Save the final weights, report, and leave the loop."""
+        arrays = self.model.arrays()
+        np.savez(os.path.join(self.spec.run_dir, f"stage-{self.rank}.npz"), **arrays)
+        wall = self.clock.elapsed()
+        stats = {
+            "rank": self.rank, "pid": os.getpid(), "batches": self.batches,
+            "weights_sha256": self.model.weights_sha256(),
+            "times": self.clock.totals, "wall": wall, "busy": self.clock.busy(),
+            "bad_messages": self.bad_messages, "counters": self.model.counters,
+            "generator_sq_error": self.model.generator_sq_error,
+            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        }
+        if self.spec.trace:
+            from dni_async import trace
+            trace.write_spans(self.spec.run_dir, f"stage-{self.rank}", os.getpid(),
+                              self.clock.spans)
+        self._send(self.control, "stats", meta=stats)
+        self.stopping = True
+
+    # -- data plane -----------------------------------------------------------------------
+
+    def _checked(self, msg, n_arrays: int, width: int | None) -> bool:
+        """A message of the right kind can still carry the wrong arrays; drop those."""
+        arrs = msg.arrays
+        ok = (len(arrs) == n_arrays and all(a.ndim == 2 for a in arrs)
+              and all(a.dtype == np.dtype(self.cfg.dtype) for a in arrs)
+              and (width is None or arrs[0].shape[1] == width)
+              and len({a.shape[0] for a in arrs}) == 1)
+        if not ok:
+            self.bad_messages += 1
+        return ok
+
+    def _on_fwd(self, msg) -> None:
+        widths = self.cfg.widths
+        if msg.kind not in ("fwd", "eval") or not self._checked(msg, 2, widths[self.rank]):
+            if msg.kind not in ("fwd", "eval"):
+                self.bad_messages += 1
+            return
+        x, y = msg.arrays
+        if msg.arrays[1].shape[1] != self.cfg.output_dim:
+            self.bad_messages += 1
+            return
+        step = msg.step
+        with self.clock.span("forward" if msg.kind == "fwd" else "eval", step):
+            h = self.model.forward(x)
+        if msg.kind == "eval":
+            if self.last:
+                sums = metrics.batch_sums(self.task, self.cfg.loss, h, y)
+                self._send(self.results, "evalres", step, meta={**msg.meta, "sums": sums})
+            else:
+                self._send(self.fwd_out, "eval", step, [h, y], meta=msg.meta)
+            return
+        self.batches += 1
+        if self.last:
+            self._last_stage_step(step, x, h, y, msg.meta)
+        elif self.cfg.decoupled:
+            self._send(self.fwd_out, "fwd", step, [h, y], meta=msg.meta)
+            with self.clock.span("update", step):
+                target = self.model.synthetic_update(step, x, h, y, need_grad_input=self.rank > 0)
+            if target is not None:
+                self._send(self.grad_out, "grad", step, [target])
+        else:
+            self._send(self.fwd_out, "fwd", step, [h, y], meta=msg.meta)
+            self.waiting[step] = (x, h, msg.meta)
+
+    def _last_stage_step(self, step, x, h, y, meta) -> None:
+        need_g = self.rank > 0
+        if self.cfg.mode == "gpipe":
+            with self.clock.span("update", step):
+                from dni_async import nn
+                delta = nn.output_delta(self.cfg.loss, self.model.layer.activation, h, y)
+                g = self.model.layer.grad_input(delta)
+                self._accumulate(x, delta, meta)
+        else:
+            with self.clock.span("update", step):
+                g, delta = self.model.backward_from_loss(x, h, y, need_grad_input=need_g)
+        self._send(self.grad_out, "grad", step, [g], meta=meta)
+        sums = metrics.batch_sums(self.task, self.cfg.loss, h, y, delta)
+        self._send(self.results, "loss", step, meta={**meta, "sums": sums})
+
+    def _on_grad(self, msg) -> None:
+        if msg.kind != "grad" or not self._checked(msg, 1, self.cfg.widths[self.rank + 1]):
+            if msg.kind != "grad":
+                self.bad_messages += 1
+            return
+        (g,) = msg.arrays
+        step = msg.step
+        if self.cfg.decoupled:
+            with self.clock.span("generator", step):
+                self.model.apply_target(step, g)
+            return
+        entry = self.waiting.pop(step, None)
+        if entry is None or entry[1].shape != g.shape:
+            self.bad_messages += 1
+            if entry is not None:
+                self.waiting[step] = entry
+            return
+        x, h, meta = entry
+        need_g = self.rank > 0
+        with self.clock.span("update", step):
+            if self.cfg.mode == "gpipe":
+                delta = self.model.layer.delta(h, g)
+                g_prev = self.model.layer.grad_input(delta) if need_g else None
+                self._accumulate(x, delta, meta)
+            else:
+                g_prev = self.model.backward(x, h, g, need_grad_input=need_g)
+        if need_g:
+            self._send(self.grad_out, "grad", step, [g_prev], meta=meta)
+        else:
+            self._send(self.results, "done", step, meta=meta)
+
+    def _accumulate(self, x, delta, meta) -> None:
+        """gpipe: sum this micro-batch's gradients; update once all of the batch is in."""
+        gW, gb = self.model.layer.gradients(x, delta)
+        if self.accum is None:
+            self.accum = [gW, gb]
+        else:
+            self.accum[0] = self.accum[0] + gW
+            if gb is not None:
+                self.accum[1] = self.accum[1] + gb
+        self.accum_count += 1
+        if self.accum_count == int(meta.get("of", 1)):
+            self.model.layer.apply(self.accum[0], self.accum[1], self.model.lr)
+            self.accum, self.accum_count = None, 0
+
+
+def _install_signal_handlers() -> None:
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+
+
+def main(spec_path: str, rank: int) -> int:
+    spec = RunSpec.load(spec_path)
+    _install_signal_handlers()
+    try:
+        stage = Stage(spec, rank)
+    except zmq.ZMQError as exc:
+        print(f"stage {rank}: cannot open its sockets: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return stage.run()
+    except PeerLost as exc:
+        print(f"dni-async: {exc}; exiting", file=sys.stderr)
+        return EXIT_PEER_LOST
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stage.close()

@@ -1,0 +1,114 @@
+"""One stage's learning rules, per mode; the reference trainer and the stage processes both run these.
+
+A stage owns one dense layer and, when it is not the last stage of a decoupled run, one
+synthetic-gradient generator. Nothing here knows about sockets: the same calls, in the same
+order, give the same numbers in one process or in N.
+
+backprop:  forward -> (wait for dL/dh) -> backward: send dL/dx upstream, update W.
+dni/cdni:  forward -> synthetic_update: update W from g_hat = M(context), send the bootstrapped
+           target delta_hat @ W.T upstream -> later, apply_target(step, target) trains M.
+last stage (any mode): backward_from_loss, the true gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+
+from dni_async import nn
+
+
+class StageModel:
+    def __init__(self, layer: nn.Dense, *, lr: float, loss: str | None = None,
+                 generator: nn.Generator | None = None, context: str = "h",
+                 max_pending: int = 64):
+        self.layer = layer
+        self.lr = lr
+        self.loss = loss                  # set on the last stage only
+        self.generator = generator
+        self.context = context
+        self.max_pending = max_pending
+        self.pending: OrderedDict[int, tuple] = OrderedDict()
+        self.counters = {"targets_applied": 0, "targets_dropped": 0, "targets_unknown": 0}
+        self.generator_sq_error = 0.0     # running sum of ||g_hat - target||^2 since last read
+
+    @property
+    def is_last(self) -> bool:
+        return self.loss is not None
+
+    def forward(self, x):
+        return self.layer.forward(x)
+
+    # -- true gradients -------------------------------------------------------------------
+
+    def backward(self, x, h, g, *, need_grad_input: bool = True):
+        """Backprop step from dL/dh = g; returns dL/dx (None when not needed)."""
+        delta = self.layer.delta(h, g)
+        g_prev = self.layer.grad_input(delta) if need_grad_input else None
+        self.layer.update(x, delta, self.lr)
+        return g_prev
+
+    def backward_from_loss(self, x, h, y, *, need_grad_input: bool = True):
+        """Last stage: the true gradient from the loss. Returns (dL/dx, delta_out)."""
+        delta = nn.output_delta(self.loss, self.layer.activation, h, y)
+        g_prev = self.layer.grad_input(delta) if need_grad_input else None
+        self.layer.update(x, delta, self.lr)
+        return g_prev, delta
+
+    # -- synthetic gradients --------------------------------------------------------------
+
+    def synthetic_update(self, step: int, x, h, y, *, need_grad_input: bool = True):
+        """Update W from the generator's guess of dL/dh, without waiting for anyone.
+
+        Returns the target for the previous stage's generator, delta_hat @ W.T, computed
+        with the weights of the forward pass (before this update).
+        """
+        c = nn.context(self.context, h, y)
+        g_hat, cache = self.generator.predict(c)
+        delta = self.layer.delta(h, g_hat)
+        g_prev = self.layer.grad_input(delta) if need_grad_input else None
+        self.layer.update(x, delta, self.lr)
+        self._remember(step, (cache, g_hat))
+        return g_prev
+
+    def _remember(self, step: int, entry) -> None:
+        self.pending[step] = entry
+        while len(self.pending) > self.max_pending:
+            self.pending.popitem(last=False)
+            self.counters["targets_dropped"] += 1
+
+    def apply_target(self, step: int, target) -> bool:
+        """Train the generator on the gradient that arrived for `step`; False if it came too late."""
+        entry = self.pending.pop(step, None)
+        if entry is None:
+            self.counters["targets_unknown"] += 1
+            return False
+        cache, g_hat = entry
+        self.generator_sq_error += self.generator.update(cache, g_hat, target)
+        self.counters["targets_applied"] += 1
+        return True
+
+    # -- state ----------------------------------------------------------------------------
+
+    def arrays(self) -> dict:
+        """Every parameter by name, for saving and checkpoints."""
+        out = {"W": self.layer.W}
+        if self.layer.b is not None:
+            out["b"] = self.layer.b
+        if self.generator is not None:
+            for i, p in enumerate(self.generator.params()):
+                out[f"gen{i}"] = p
+        return out
+
+    def weights_sha256(self) -> str:
+        return weights_sha256(self.layer)
+
+
+def weights_sha256(layer: nn.Dense) -> str:
+    """sha256 of the layer's weights (raw bytes, C order), then its bias if it has one."""
+    digest = hashlib.sha256(np.ascontiguousarray(layer.W).tobytes())
+    if layer.b is not None:
+        digest.update(np.ascontiguousarray(layer.b).tobytes())
+    return digest.hexdigest()
