@@ -105,6 +105,11 @@ def _cmd_coordinator(args) -> int:
     return coordinator.main(args.run_config)
 
 
+def _cmd_bench(args) -> int:
+    from dni_async import bench
+    return bench.main(args.bench_args)
+
+
 def _check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -132,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_config", help="the run's config.json with its endpoints")
     s.add_argument("--rank", type=int, required=True, help="stage index, 0-based")
     s.set_defaults(func=_cmd_stage)
+
+    b = sub.add_parser("bench", help="measure every mode side by side (see dni-async bench -h)",
+                       add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("coordinator", help="run the coordinator from a run config (config.json)")
     c.add_argument("run_config")

@@ -61,7 +61,7 @@ class Config:
     eval_every: int = 1
     log_every: int = 0                  # 0: about 20 lines per run
     heartbeat_s: float = 0.5
-    peer_timeout_s: float = 5.0
+    peer_timeout_s: float = 3.0
     startup_timeout_s: float = 30.0
     # resolved from the data at launch
     input_dim: int = 0

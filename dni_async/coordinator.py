@@ -311,6 +311,8 @@ def main(spec_path: str) -> int:
         _try_stop(coord)
         return EXIT_STAGE_LOST
     except KeyboardInterrupt:
+        report.write_json(os.path.join(spec.run_dir, "stopped.json"),
+                          {"last_completed_step": coord.completed_steps - 1})
         _try_stop(coord)
         return 130
     finally:

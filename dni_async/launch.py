@@ -90,6 +90,7 @@ class Supervisor:
         for k in range(self.spec.config.n_stages):
             self.procs[f"stage {k}"] = subprocess.Popen(
                 [*py, "stage", path, "--rank", str(k)], env=env, preexec_fn=_die_with_parent)
+        self.procs = {"coordinator": None, **self.procs}
         self.procs["coordinator"] = subprocess.Popen(
             [*py, "coordinator", path], env=env, stdout=out, preexec_fn=_die_with_parent)
 
@@ -121,6 +122,8 @@ class Supervisor:
         return 0, None
 
     def stop_all(self, grace: float = GRACE_S) -> None:
+        """SIGTERM everyone (the coordinator first, so it can record where the run stood),
+        then SIGKILL whoever is still there after `grace` seconds."""
         alive = [p for p in self.procs.values() if p.poll() is None]
         for p in alive:
             try:
@@ -171,6 +174,10 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
     if status != EXIT_INTERRUPTED:
         failure = _read(os.path.join(spec.run_dir, "failure.json")) or {}
         detail = failure.get("error") or f"{who} exited with status {status}"
+        if not failure.get("error") and who != "coordinator":
+            stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
+            if "last_completed_step" in stopped:
+                detail += f" (last completed step {stopped['last_completed_step']})"
         print(f"dni-async train: failed: {detail}", file=sys.stderr)
         return EXIT_FAILED if status in (0, None) else max(1, min(status, 125))
     return EXIT_INTERRUPTED

@@ -55,6 +55,9 @@ class Stage:
         self.accum_count = 0
         self.batches = 0
         self.stopping = False
+        self.fault = Fault.from_env(rank)
+        if self.fault:
+            self.fault.maybe_fire(0)
         self._open_sockets()
 
     # -- sockets --------------------------------------------------------------------------
@@ -229,6 +232,8 @@ class Stage:
                 self._send(self.fwd_out, "eval", step, [h, y], meta=msg.meta)
             return
         self.batches += 1
+        if self.fault:
+            self.fault.maybe_fire(self.batches)
         if self.last:
             self._last_stage_step(step, x, h, y, msg.meta)
         elif self.cfg.decoupled:
@@ -300,6 +305,37 @@ class Stage:
         if self.accum_count == int(meta.get("of", 1)):
             self.model.layer.apply(self.accum[0], self.accum[1], self.model.lr)
             self.accum, self.accum_count = None, 0
+
+
+class Fault:
+    """Fault injection for tests and demonstrations: DNI_ASYNC_FAULT="RANK:exit|hang:BATCH".
+
+    `exit` ends the process abruptly (os._exit, as a crash would) when it reaches its BATCH-th
+    batch (0: at start-up); `hang` stops its loop there without exiting, as a deadlock would.
+    """
+
+    def __init__(self, kind: str, at: int):
+        self.kind, self.at = kind, at
+
+    @classmethod
+    def from_env(cls, rank: int):
+        spec = os.environ.get("DNI_ASYNC_FAULT", "")
+        try:
+            r, kind, at = spec.split(":")
+            if int(r) == rank and kind in ("exit", "hang"):
+                return cls(kind, int(at))
+        except ValueError:
+            pass
+        return None
+
+    def maybe_fire(self, batches: int) -> None:
+        if batches != self.at:
+            return
+        print(f"stage: injected fault {self.kind} at batch {batches}", file=sys.stderr, flush=True)
+        if self.kind == "exit":
+            os._exit(17)
+        while True:
+            time.sleep(3600)
 
 
 def _install_signal_handlers() -> None:

@@ -1,0 +1,58 @@
+"""Shared test helpers: find processes by their command line, run the CLI with a time bound."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def procs_mentioning(text: str) -> list:
+    """PIDs of live processes whose command line contains `text` (e.g. a run folder)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            found.append(int(pid))
+    return found
+
+
+def wait_gone(text: str, timeout: float) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = procs_mentioning(text)
+        if not left:
+            return []
+        time.sleep(0.05)
+    return procs_mentioning(text)
+
+
+def cli(*args, timeout=120, env=None, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m dni_async ARGS` to completion within `timeout` seconds."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "dni_async", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=full_env, **kw)
+
+
+@pytest.fixture
+def no_leftovers(tmp_path):
+    """A run folder; after the test, no process may still mention it."""
+    yield tmp_path
+    left = wait_gone(str(tmp_path), 5.0)
+    for pid in left:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    assert not left, f"processes left behind: {left}"

@@ -1,0 +1,119 @@
+"""Every process we start, we end: after success, Ctrl-C, a crash, a hang, a lost coordinator."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, procs_mentioning, wait_gone
+
+LONG_RUN = ["--mode", "cdni", "--epochs", "1000"]
+
+
+def start_train(run_dir, *flags, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "dni_async", "train", "--run-dir", str(run_dir), *flags],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env=dict(os.environ, **(env or {})))
+
+
+def wait_running(run_dir, n_procs, timeout=30):
+    """Until the coordinator and every stage are up and the first epoch is logged."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(procs_mentioning(str(run_dir))) >= n_procs and (run_dir / "config.json").exists():
+            time.sleep(1.5)
+            return procs_mentioning(str(run_dir))
+        time.sleep(0.05)
+    raise AssertionError("pipeline did not start")
+
+
+def finish(proc, timeout):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"train did not exit within {timeout} s")
+    return proc.returncode, err
+
+
+def test_ctrl_c_stops_every_process_within_2_s(no_leftovers):
+    proc = start_train(no_leftovers, *LONG_RUN)
+    wait_running(no_leftovers, 4)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)          # what a terminal's Ctrl-C does
+    rc, err = finish(proc, 5)
+    assert not wait_gone(str(no_leftovers), 2.0 - (time.monotonic() - t0))
+    assert rc == 130, err
+
+
+def test_sigterm_to_train_alone_stops_everyone(no_leftovers):
+    proc = start_train(no_leftovers, *LONG_RUN)
+    wait_running(no_leftovers, 4)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc, err = finish(proc, 5)
+    assert rc == 130, err
+    assert not wait_gone(str(no_leftovers), 2.0 - (time.monotonic() - t0))
+
+
+def test_killed_stage_fails_the_run_within_5_s_naming_it(no_leftovers):
+    proc = start_train(no_leftovers, *LONG_RUN)
+    wait_running(no_leftovers, 4)
+    victim = next(p for p in procs_mentioning(str(no_leftovers))
+                  if "--rank 1" in open(f"/proc/{p}/cmdline").read().replace("\0", " "))
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    rc, err = finish(proc, 10)
+    assert time.monotonic() - t0 < 5
+    assert rc != 0 and "stage 1" in err and "last completed step" in err, err
+
+
+def test_stage_that_fails_at_start_is_named(no_leftovers):
+    proc = start_train(no_leftovers, *LONG_RUN, env={"DNI_ASYNC_FAULT": "2:exit:0"})
+    rc, err = finish(proc, 30)
+    assert rc != 0 and "stage 2" in err, err
+
+
+def test_stuck_stage_is_detected_by_application_heartbeats(no_leftovers):
+    proc = start_train(no_leftovers, *LONG_RUN, env={"DNI_ASYNC_FAULT": "1:hang:3000"})
+    rc, err = finish(proc, 60)
+    assert rc != 0 and "stage 1" in err and "silent" in err, err
+
+
+def test_stages_exit_by_themselves_when_the_coordinator_dies(no_leftovers):
+    from dni_async import launch
+    from dni_async.config import make_config
+    spec, ipc_dir = launch.prepare(make_config({"mode": "cdni", "epochs": 1000}), str(no_leftovers))
+    path = os.path.join(spec.run_dir, "config.json")
+    py = [sys.executable, "-m", "dni_async"]
+    stages = [subprocess.Popen([*py, "stage", path, "--rank", str(k)], cwd=ROOT,
+                               stderr=subprocess.PIPE) for k in range(3)]
+    coord = subprocess.Popen([*py, "coordinator", path], cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(3)
+        assert coord.poll() is None and all(s.poll() is None for s in stages)
+        t0 = time.monotonic()
+        coord.kill()
+        for s in stages:
+            s.wait(timeout=6)
+        assert time.monotonic() - t0 < 5
+        assert all(s.returncode == 3 for s in stages)
+    finally:
+        for p in [coord, *stages]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        import shutil
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def test_children_die_with_a_killed_train(no_leftovers):
+    proc = start_train(no_leftovers, *LONG_RUN)
+    wait_running(no_leftovers, 4)
+    proc.kill()
+    proc.wait()
+    assert not wait_gone(str(no_leftovers), 3.0)

@@ -1,0 +1,109 @@
+"""Finite-difference checks for every piece of math the stages run."""
+
+import numpy as np
+import pytest
+
+from dni_async import nn
+
+RNG = np.random.RandomState(0)
+
+
+def numeric_grad(f, p, eps=1e-6):
+    g = np.zeros_like(p)
+    it = np.nditer(p, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = p[i]
+        p[i] = old + eps
+        fp = f()
+        p[i] = old - eps
+        fm = f()
+        p[i] = old
+        g[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def close(a, b, tol=1e-6):
+    return np.max(np.abs(a - b)) <= tol * max(1.0, np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "relu", "identity"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_gradients_match_finite_differences(act, bias):
+    x = RNG.randn(5, 4)
+    layer = nn.Dense(RNG.randn(4, 3) * 0.5, RNG.randn(3) * 0.1 if bias else None, act)
+    r = RNG.randn(5, 3)   # L = sum(r * h): dL/dh = r
+
+    def loss():
+        return float(np.sum(r * layer.forward(x)))
+
+    h = layer.forward(x)
+    delta = layer.delta(h, r)
+    gW, gb = layer.gradients(x, delta)
+    assert close(gW, numeric_grad(loss, layer.W))
+    if bias:
+        assert close(gb, numeric_grad(loss, layer.b))
+    assert close(layer.grad_input(delta), numeric_grad(loss, x))
+
+
+@pytest.mark.parametrize("loss_name,act", [("squared", "sigmoid"), ("squared", "tanh"),
+                                           ("squared", "identity"), ("softmax_xent", "softmax")])
+def test_output_delta_is_dloss_da(loss_name, act):
+    a = RNG.randn(6, 5)
+    y = (RNG.rand(6, 5) > 0.5).astype(float)
+    if loss_name == "softmax_xent":
+        y = np.eye(5)[RNG.randint(0, 5, 6)]
+    f = nn.ACTIVATIONS[act][0]
+    out = f(a)
+    delta = nn.output_delta(loss_name, act, out, y)
+    num = numeric_grad(lambda: nn.loss_sum(loss_name, f(a), y), a)
+    assert close(delta, num)
+
+
+def test_update_is_sgd_on_batch_sums():
+    x, W = RNG.randn(3, 2), RNG.randn(2, 2)
+    layer = nn.Dense(W.copy(), None, "identity")
+    delta = RNG.randn(3, 2)
+    layer.update(x, delta, 0.5)
+    assert np.array_equal(layer.W, W - x.T.dot(delta) * 0.5)
+
+
+@pytest.mark.parametrize("hidden", [0, 7])
+def test_generator_step_follows_its_squared_error_gradient(hidden):
+    c, t = RNG.randn(8, 5), RNG.randn(8, 3)
+    gen = nn.Generator(5, 3, lr=1e-3, dtype=np.float64, hidden=hidden, rng=np.random.RandomState(1))
+    for p in gen.params():          # move off the zero start so every path is exercised
+        p += RNG.randn(*p.shape) * 0.1
+    before = [p.copy() for p in gen.params()]
+
+    def loss():
+        return 0.5 * float(np.sum((gen.predict(c)[0] - t) ** 2))
+
+    nums = [numeric_grad(loss, p) for p in gen.params()]
+    g_hat, cache = gen.predict(c)
+    sq = gen.update(cache, g_hat, t)
+    assert sq == pytest.approx(2 * 0.5 * np.sum((g_hat - t) ** 2))
+    for p0, p1, num in zip(before, gen.params(), nums):
+        assert close((p0 - p1) / gen.lr, num, tol=1e-5)
+
+
+def test_generator_starts_at_zero():
+    gen = nn.Generator(6, 4, lr=0.1, dtype=np.float32, hidden=3)
+    g, _ = gen.predict(np.ones((2, 6), np.float32))
+    assert not g.any() and g.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_is_kept_through_forward_and_update(dtype):
+    x = RNG.randn(4, 3).astype(dtype)
+    layer = nn.Dense(RNG.randn(3, 2).astype(dtype), np.zeros(2, dtype), "sigmoid")
+    h = layer.forward(x)
+    layer.update(x, layer.delta(h, h), 0.1)
+    assert h.dtype == dtype and layer.W.dtype == dtype and layer.b.dtype == dtype
+
+
+def test_context_shapes():
+    h, y = np.zeros((4, 3)), np.ones((4, 2))
+    assert nn.context("h", h, y).shape == (4, 3)
+    assert nn.context("y", h, y).shape == (4, 2)
+    assert nn.context("hy", h, y).shape == (4, 5)
