@@ -51,12 +51,15 @@ def _pipeline_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", help="address to bind for tcp (default 127.0.0.1)")
     g.add_argument("--max-in-flight", type=int, help="batches between sending and loss back")
     g.add_argument("--run-dir", help="folder for this run's files (default runs/<time>-<mode>)")
+    g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS",
+                   help="snapshot every stage and the coordinator every N epochs")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest good checkpoint")
 
 
 CONFIG_FLAGS = ("preset", "mode", "dataset", "bits", "n_train", "n_test", "hidden", "activation",
                 "output_activation", "loss", "bias", "init", "epochs", "batch_size", "lr",
                 "generator_lr", "generator_hidden", "context", "micro_batches", "seed", "dtype",
-                "eval_every", "log_every", "transport", "host", "max_in_flight")
+                "eval_every", "log_every", "transport", "host", "max_in_flight", "checkpoint_every")
 
 
 def config_from_args(args) :
@@ -91,6 +94,8 @@ def _cmd_reference(args) -> int:
 
 def _cmd_train(args) -> int:
     from dni_async import launch
+    if args.resume:
+        return launch.resume(args.resume, json_path=args.json, quiet=args.quiet)
     cfg = config_from_args(args)
     return launch.train(cfg, run_dir=args.run_dir, json_path=args.json, quiet=args.quiet)
 
@@ -158,7 +163,8 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    if args.command == "train" and not any(getattr(args, n, None) is not None for n in ("mode", "preset", "config")) and not args.set:
+    if (args.command == "train" and not args.set and not args.resume
+            and all(getattr(args, n) is None for n in ("mode", "preset", "config"))):
         args.mode = "cdni"   # the default demo trains with synthetic gradients
     try:
         return args.func(args)

@@ -63,6 +63,9 @@ class Config:
     heartbeat_s: float = 0.5
     peer_timeout_s: float = 3.0
     startup_timeout_s: float = 30.0
+    checkpoint_every: int = 0           # epochs between checkpoints; 0: only on Ctrl-C / SIGTERM
+    keep_checkpoints: int = 2
+    curve_keys: str = ""                # folder made by `dni-async keys`: tcp with CURVE
     # resolved from the data at launch
     input_dim: int = 0
     output_dim: int = 0
@@ -213,6 +216,8 @@ def validate(cfg: Config) -> None:
                  "max_pending", "eval_every", "micro_batches"):
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.log_every >= 0, "log_every must be >= 0")
+    need(cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+    need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     need(cfg.generator_hidden >= 0, "generator_hidden must be >= 0")
     need(cfg.lr > 0 and cfg.generator_lr > 0, "lr and generator_lr must be positive")
     need(cfg.heartbeat_s > 0 and cfg.peer_timeout_s > cfg.heartbeat_s,

@@ -14,6 +14,8 @@ a heartbeat from its own loop, so a stuck loop is caught as surely as a dead pro
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import sys
@@ -22,12 +24,13 @@ import time
 import numpy as np
 import zmq
 
-from dni_async import metrics, network, report, wire
+from dni_async import checkpoint, metrics, network, report, wire
 from dni_async.config import ConfigError
 from dni_async.runspec import RunSpec
 from dni_async.timing import Clock
 
 EXIT_STAGE_LOST = 3
+EXIT_INTERRUPTED = 130
 
 
 class StageLost(RuntimeError):
@@ -49,6 +52,14 @@ class Coordinator:
         self.epoch_sums = metrics.empty()
         self.eval_results = {}
         self.completed_steps = 0
+        self.acks = {}
+        self.interrupted = False
+        self.last_checkpoint = None
+        # where the run stands: what a checkpoint saves and a resume restores
+        self.epoch, self.next_batch = 0, 0
+        self.history, self.train_seconds, self.n_eval = [], 0.0, 0
+        if spec.resume_from:
+            self._restore(spec.resume_from)
         self._open_sockets()
 
     def _open_sockets(self) -> None:
@@ -101,6 +112,8 @@ class Coordinator:
             self.pids[rank] = msg.meta.get("pid")
         elif msg.kind == "stats":
             self.stats[rank] = msg.meta
+        elif msg.kind == "ack":
+            self.acks[rank] = msg.meta
         elif msg.kind == "error":
             raise StageLost(f"stage {rank} failed: {msg.meta.get('message', '?')}")
         elif msg.kind != "heartbeat":
@@ -176,13 +189,18 @@ class Coordinator:
         while len(self.open) >= limit:
             self.pump(self.cfg.heartbeat_s)
 
-    def train_epoch(self, epoch: int) -> None:
+    def train_epoch(self, epoch: int) -> bool:
+        """Send the rest of this epoch's batches; False if interrupted (then fully drained)."""
         cfg, ds = self.cfg, self.ds
         bs, bpe = cfg.batch_size, cfg.batches_per_epoch()
         lockstep = not cfg.decoupled
         limit = 1 if lockstep else cfg.max_in_flight
         waits = {"loss", "done"} if lockstep else {"loss"}
-        for i in range(bpe):
+        while self.next_batch < bpe:
+            if self.interrupted:
+                self._wait_credit(1)
+                return False
+            i = self.next_batch
             b = epoch * bpe + i
             x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
             if cfg.mode == "gpipe":
@@ -196,7 +214,9 @@ class Coordinator:
                 self._wait_credit(limit)
                 self.open[b] = set(waits)
                 self._send_batch(b, x, y)
+            self.next_batch += 1
         self._wait_credit(1)   # drain: every batch of the epoch is finished
+        return True
 
     def evaluate(self, x, y, tag: int) -> dict:
         """Forward-only pass through the stages; the last stage sends back metric sums."""
@@ -217,33 +237,81 @@ class Coordinator:
             metrics.add(total, sums)
         return total
 
-    def run(self, log=print) -> dict:
+    def run(self, log=print) -> dict | None:
+        """Train to the end (returns the summary) or until interrupted (returns None)."""
         cfg, ds = self.cfg, self.ds
         wall0 = time.perf_counter()
         self.handshake()
-        history, train_seconds = [], 0.0
         every = report.log_every(cfg)
         samples = cfg.batches_per_epoch() * cfg.batch_size
-        n_eval = 0
-        for epoch in range(cfg.epochs):
-            self.epoch_sums = metrics.empty()
+        while self.epoch < cfg.epochs:
+            epoch = self.epoch
+            if self.next_batch == 0:
+                self.epoch_sums = metrics.empty()
             t0 = time.perf_counter()
-            self.train_epoch(epoch)
+            finished = self.train_epoch(epoch)
             dt = time.perf_counter() - t0
-            train_seconds += dt
+            self.train_seconds += dt
+            if not finished:
+                self.checkpoint()
+                self._stop_stages()
+                return None
             test = None
             if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
-                n_eval += 1
-                test = metrics.summarize(self.evaluate(ds.x_test, ds.y_test, n_eval), "test")
-            row = report.history_row(epoch, self.epoch_sums, test, train_seconds,
+                self.n_eval += 1
+                test = metrics.summarize(self.evaluate(ds.x_test, ds.y_test, self.n_eval), "test")
+            row = report.history_row(epoch, self.epoch_sums, test, self.train_seconds,
                                      samples / dt if dt else 0.0)
-            history.append(row)
+            self.history.append(row)
+            self.epoch, self.next_batch = epoch + 1, 0
             if log and ((epoch + 1) % every == 0 or epoch == cfg.epochs - 1):
                 log(report.format_row(row, cfg.epochs), flush=True)
-        final = {**metrics.summarize(self.evaluate(ds.x_train, ds.y_train, n_eval + 1), "train"),
-                 **metrics.summarize(self.evaluate(ds.x_test, ds.y_test, n_eval + 2), "test")}
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+                self.checkpoint()
+        final = {**metrics.summarize(self.evaluate(ds.x_train, ds.y_train, self.n_eval + 1), "train"),
+                 **metrics.summarize(self.evaluate(ds.x_test, ds.y_test, self.n_eval + 2), "test")}
         self._stop_stages()
-        return self._summary(history, final, train_seconds, time.perf_counter() - wall0)
+        return self._summary(self.history, final, self.train_seconds, time.perf_counter() - wall0)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def step(self) -> int:
+        return self.epoch * self.cfg.batches_per_epoch() + self.next_batch
+
+    def checkpoint(self) -> str:
+        """Snapshot every stage and the coordinator while nothing is in flight."""
+        self._wait_credit(1)
+        step = self.step()
+        folder = checkpoint.folder(self.spec.run_dir, step)
+        os.makedirs(folder, exist_ok=True)
+        self.acks = {}
+        for k in range(self.n):
+            self._to_stage(k, "checkpoint", {"dir": folder})
+        deadline = time.monotonic() + self.cfg.peer_timeout_s
+        while len(self.acks) < self.n:
+            if time.monotonic() > deadline:
+                raise StageLost(f"stage(s) {sorted(set(range(self.n)) - set(self.acks))} "
+                                "did not confirm the checkpoint")
+            self.pump(0.05)
+        files = {a["file"]: a["sha256"] for a in self.acks.values()}
+        state = {"epoch": self.epoch, "next_batch": self.next_batch, "n_eval": self.n_eval,
+                 "train_seconds": self.train_seconds, "history": self.history,
+                 "epoch_sums": self.epoch_sums, "completed_steps": self.completed_steps}
+        body = json.dumps(state).encode()
+        report.atomic_write(os.path.join(folder, "coordinator.json"), body)
+        files["coordinator.json"] = hashlib.sha256(body).hexdigest()
+        checkpoint.write_manifest(folder, step, files)
+        checkpoint.prune(self.spec.run_dir, self.cfg.keep_checkpoints)
+        self.last_checkpoint = folder
+        return folder
+
+    def _restore(self, folder: str) -> None:
+        with open(os.path.join(folder, "coordinator.json")) as fh:
+            state = json.load(fh)
+        self.epoch, self.next_batch = state["epoch"], state["next_batch"]
+        self.n_eval, self.train_seconds = state["n_eval"], state["train_seconds"]
+        self.history, self.epoch_sums = state["history"], state["epoch_sums"]
+        self.completed_steps = state["completed_steps"]
 
     def _stop_stages(self) -> None:
         self._broadcast("stop")
@@ -294,10 +362,23 @@ def _rank_of(ident: bytes, n: int):
 
 def main(spec_path: str) -> int:
     spec = RunSpec.load(spec_path)
-    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     coord = Coordinator(spec)
+
+    def interrupt(signum, frame):
+        # Ctrl-C reaches this process from the terminal and again from `train`: both mean
+        # "stop in order"; a supervisor that loses patience uses SIGKILL.
+        coord.interrupted = True
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         summary = coord.run()
+        if summary is None:
+            report.write_json(os.path.join(spec.run_dir, "stopped.json"),
+                              {"last_completed_step": coord.completed_steps - 1,
+                               "checkpoint": coord.last_checkpoint})
+            print(f"dni-async: interrupted at step {coord.step()}; checkpoint "
+                  f"{coord.last_checkpoint}", file=sys.stderr)
+            return EXIT_INTERRUPTED
         report.write_json(os.path.join(spec.run_dir, "summary.json"), summary)
         report.write_history_csv(os.path.join(spec.run_dir, "metrics.csv"), summary["history"])
         if spec.trace:

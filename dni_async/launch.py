@@ -51,7 +51,8 @@ def default_run_dir(cfg: Config) -> str:
     return os.path.join("runs", f"{stamp}-{cfg.mode}-{os.getpid()}")
 
 
-def prepare(cfg: Config, run_dir: str | None, trace: bool = False):
+def prepare(cfg: Config, run_dir: str | None, trace: bool = False,
+            resume_from: str | None = None):
     """Check what can be checked before any process starts; write the run's config.json."""
     ds, _ = network.load_data_and_rng(cfg)
     network.resolve_dims(cfg, ds)
@@ -64,6 +65,9 @@ def prepare(cfg: Config, run_dir: str | None, trace: bool = False):
         os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"cannot write the run folder {run_dir}: {exc.strerror}") from None
+    for stale in ("failure.json", "stopped.json", "summary.json"):   # from an earlier attempt
+        if os.path.exists(os.path.join(run_dir, stale)):
+            os.unlink(os.path.join(run_dir, stale))
     ipc_dir = tempfile.mkdtemp(prefix="dni-") if cfg.transport == "ipc" else None
     try:
         endpoints = plan_endpoints(cfg, ipc_dir)
@@ -71,7 +75,8 @@ def prepare(cfg: Config, run_dir: str | None, trace: bool = False):
         if ipc_dir:
             shutil.rmtree(ipc_dir, ignore_errors=True)
         raise ConfigError(f"cannot plan endpoints: {exc}") from None
-    spec = RunSpec(config=cfg, run_dir=run_dir, endpoints=endpoints, trace=trace)
+    spec = RunSpec(config=cfg, run_dir=run_dir, endpoints=endpoints, trace=trace,
+                   resume_from=resume_from)
     spec.save(os.path.join(run_dir, "config.json"))
     return spec, ipc_dir
 
@@ -121,6 +126,17 @@ class Supervisor:
                 return p.returncode, name
         return 0, None
 
+    def interrupt_coordinator(self, wait_s: float = 1.6) -> None:
+        """Ask the coordinator for an orderly stop (drain, checkpoint, stop the stages)."""
+        coord = self.procs.get("coordinator")
+        if coord is None or coord.poll() is not None:
+            return
+        try:
+            coord.send_signal(signal.SIGINT)
+            coord.wait(wait_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
     def stop_all(self, grace: float = GRACE_S) -> None:
         """SIGTERM everyone (the coordinator first, so it can record where the run stood),
         then SIGKILL whoever is still there after `grace` seconds."""
@@ -139,13 +155,28 @@ class Supervisor:
                 p.wait()
 
 
+def resume(run_dir: str, json_path: str | None = None, quiet: bool = False) -> int:
+    """Continue a run from its newest good checkpoint, with fresh endpoints."""
+    from dni_async import checkpoint
+    from dni_async.runspec import RunSpec
+    old = RunSpec.load(os.path.join(run_dir, "config.json"))
+    try:
+        ckpt = checkpoint.latest_good(run_dir, log=lambda m: print(m, file=sys.stderr))
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if not quiet:
+        print(f"dni-async train: resuming {run_dir} from {ckpt}", flush=True)
+    return train(old.config, run_dir=run_dir, json_path=json_path, quiet=quiet,
+                 trace=old.trace, resume_from=ckpt)
+
+
 def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
-          quiet: bool = False, trace: bool = False) -> int:
+          quiet: bool = False, trace: bool = False, resume_from: str | None = None) -> int:
     if json_path:
         folder = os.path.dirname(os.path.abspath(json_path))
         if not os.access(folder, os.W_OK):
             raise ConfigError(f"cannot write {json_path}: folder {folder} is not writable")
-    spec, ipc_dir = prepare(cfg, run_dir, trace)
+    spec, ipc_dir = prepare(cfg, run_dir, trace, resume_from)
     if not quiet:
         print(f"dni-async train: {cfg.mode}, {cfg.n_stages} stage processes + coordinator, "
               f"{cfg.transport}, widths {cfg.widths}, run folder {spec.run_dir}", flush=True)
@@ -157,13 +188,20 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         status, who = sup.watch()
     except KeyboardInterrupt:
         status, who = EXIT_INTERRUPTED, None
-        print("dni-async: interrupted; stopping every process", file=sys.stderr)
+        print("dni-async: interrupted; checkpointing and stopping every process", file=sys.stderr)
+        sup.interrupt_coordinator()
     finally:
         sup.stop_all()
         remove_ipc_files(spec.endpoints)
         if ipc_dir:
             shutil.rmtree(ipc_dir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous)
+    if status == EXIT_INTERRUPTED:
+        stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
+        where = stopped.get("checkpoint")
+        print(f"dni-async train: interrupted" + (f"; checkpoint {where}" if where else "") +
+              f"\nresume with: dni-async train --resume {spec.run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if status == 0:
         summary = _read(os.path.join(spec.run_dir, "summary.json"))
         if json_path:
@@ -171,16 +209,27 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         if not quiet:
             print(summary_text(summary))
         return 0
-    if status != EXIT_INTERRUPTED:
-        failure = _read(os.path.join(spec.run_dir, "failure.json")) or {}
-        detail = failure.get("error") or f"{who} exited with status {status}"
-        if not failure.get("error") and who != "coordinator":
-            stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
-            if "last_completed_step" in stopped:
-                detail += f" (last completed step {stopped['last_completed_step']})"
-        print(f"dni-async train: failed: {detail}", file=sys.stderr)
-        return EXIT_FAILED if status in (0, None) else max(1, min(status, 125))
-    return EXIT_INTERRUPTED
+    failure = _read(os.path.join(spec.run_dir, "failure.json")) or {}
+    stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
+    if who and who.startswith("stage"):
+        # the supervisor saw it first-hand; the coordinator's account may describe the aftermath
+        detail = f"{who} {_describe_exit(status)}"
+        step = failure.get("last_completed_step", stopped.get("last_completed_step"))
+        if step is not None:
+            detail += f" (last completed step {step})"
+    else:
+        detail = failure.get("error") or f"{who} {_describe_exit(status)}"
+    print(f"dni-async train: failed: {detail}", file=sys.stderr)
+    return EXIT_FAILED if status < 0 else max(1, min(status, 125))
+
+
+def _describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
 
 
 def _raise_interrupt(signum, frame):

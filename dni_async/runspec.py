@@ -22,10 +22,12 @@ class RunSpec:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     endpoints: dict = field(default_factory=dict)
     trace: bool = False
+    resume_from: str | None = None      # a checkpoint folder, when resuming
 
     def save(self, path: str) -> None:
         from dni_async.report import write_json
         write_json(path, {"run_id": self.run_id, "run_dir": self.run_dir, "trace": self.trace,
+                          "resume_from": self.resume_from,
                           "endpoints": self.endpoints, "config": self.config.to_dict()})
 
     @classmethod
@@ -34,7 +36,8 @@ class RunSpec:
             with open(path) as fh:
                 d = json.load(fh)
             return cls(config=config_from_dict(d["config"]), run_dir=d["run_dir"],
-                       run_id=d["run_id"], endpoints=d["endpoints"], trace=d.get("trace", False))
+                       run_id=d["run_id"], endpoints=d["endpoints"], trace=d.get("trace", False),
+                       resume_from=d.get("resume_from"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"cannot read run config {path}: {exc}") from None
 

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import zmq
 
-from dni_async import metrics, network, wire
+from dni_async import checkpoint, metrics, network, wire
 from dni_async.config import ConfigError
 from dni_async.runspec import RunSpec
 from dni_async.timing import Clock
@@ -48,6 +48,12 @@ class Stage:
         self.task = "bits" if cfg.dataset == "binary-addition" else "classes"
         _, rng = network.load_data_and_rng(cfg)
         self.model = network.build(cfg, rng, ranks=[rank])[0]
+        if spec.resume_from:
+            path = os.path.join(spec.resume_from, f"stage-{rank}.npz")
+            try:
+                self.model.load(checkpoint.load_arrays(path))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"stage {rank}: cannot resume from {path}: {exc}") from None
         self.clock = Clock(record_spans=spec.trace)
         self.bad_messages = 0
         self.waiting: dict[int, tuple] = {}     # lockstep: step -> (x, h) until its gradient
@@ -164,6 +170,8 @@ class Stage:
             msg = self._recv(self.fwd_in)
             if msg is not None:
                 self._on_fwd(msg)
+        if _interrupted_at and time.monotonic() - _interrupted_at > INTERRUPT_GRACE_S:
+            raise KeyboardInterrupt   # nobody came to stop us gracefully
         if time.monotonic() - self.heard > self.cfg.peer_timeout_s:
             raise PeerLost(f"stage {self.rank}: no word from the coordinator for "
                            f"{self.cfg.peer_timeout_s:.0f} s")
@@ -175,8 +183,25 @@ class Stage:
         self.heard = time.monotonic()
         if msg.kind == "stop":
             self._finish()
+        elif msg.kind == "checkpoint":
+            self._checkpoint(msg.meta)
         elif msg.kind not in ("heartbeat", "start"):
             self.bad_messages += 1
+
+    def _checkpoint(self, meta) -> None:
+        """Snapshot this stage into the folder the coordinator names; answer with its hash."""
+        folder = meta.get("dir")
+        if not isinstance(folder, str):
+            self.bad_messages += 1
+            return
+        name = f"stage-{self.rank}.npz"
+        try:
+            os.makedirs(folder, exist_ok=True)
+            digest = checkpoint.save_arrays(os.path.join(folder, name), self.model.snapshot())
+            self._send(self.control, "ack", meta={"file": name, "sha256": digest,
+                                                  "dir": folder})
+        except OSError as exc:
+            self._send(self.control, "error", meta={"message": f"checkpoint failed: {exc}"})
 
     def _finish(self) -> None:
         """Save the final weights, report, and leave the loop."""
@@ -338,10 +363,23 @@ class Fault:
             time.sleep(3600)
 
 
+INTERRUPT_GRACE_S = 1.5
+_interrupted_at = 0.0
+
+
 def _install_signal_handlers() -> None:
+    """SIGTERM ends the stage now. SIGINT (Ctrl-C reaches every process of the terminal) gives
+    the coordinator a moment to checkpoint and stop the pipeline in order; the stage leaves
+    by itself if that does not happen within INTERRUPT_GRACE_S."""
     def stop(signum, frame):
         raise KeyboardInterrupt
+
+    def note(signum, frame):
+        global _interrupted_at
+        _interrupted_at = _interrupted_at or time.monotonic()
+
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, note)
 
 
 def main(spec_path: str, rank: int) -> int:
@@ -349,6 +387,9 @@ def main(spec_path: str, rank: int) -> int:
     _install_signal_handlers()
     try:
         stage = Stage(spec, rank)
+    except ConfigError as exc:
+        print(f"dni-async: {exc}", file=sys.stderr)
+        return 2
     except zmq.ZMQError as exc:
         print(f"stage {rank}: cannot open its sockets: {exc}", file=sys.stderr)
         return 1

@@ -102,6 +102,26 @@ class StageModel:
                 out[f"gen{i}"] = p
         return out
 
+    def load(self, arrays: dict) -> None:
+        """Restore parameters saved by `arrays()`, in place, refusing any shape or dtype change."""
+        for name, current in self.arrays().items():
+            if name not in arrays:
+                raise ValueError(f"checkpoint lacks {name}")
+            new = arrays[name]
+            if new.shape != current.shape or new.dtype != current.dtype:
+                raise ValueError(f"checkpoint {name} is {new.dtype}{new.shape}, "
+                                 f"expected {current.dtype}{current.shape}")
+            current[...] = new
+        for key in self.counters:
+            if f"counter_{key}" in arrays:
+                self.counters[key] = int(arrays[f"counter_{key}"])
+
+    def snapshot(self) -> dict:
+        """Everything a checkpoint keeps: parameters and counters."""
+        out = {k: np.array(v) for k, v in self.arrays().items()}
+        out.update({f"counter_{k}": np.array(v) for k, v in self.counters.items()})
+        return out
+
     def weights_sha256(self) -> str:
         return weights_sha256(self.layer)
 

@@ -1,0 +1,110 @@
+"""Consistent snapshots of a whole pipeline, and finding the newest good one to resume from.
+
+A checkpoint is a folder `RUN_DIR/checkpoints/step-<N>/` holding one file per stage
+(`stage-K.npz`: weights, bias, generator, counters), the coordinator's state
+(`coordinator.json`: data position, history so far) and, written last, `manifest.json` with the
+sha256 of every other file. Every file is written atomically (temporary file, fsync, rename),
+so a folder without a manifest is an unfinished checkpoint and a file whose hash differs from
+the manifest is a damaged one; both are refused, and the previous checkpoint is used instead.
+
+The coordinator takes a checkpoint only when no batch is in flight, so in lockstep modes the
+snapshot is exactly the state an uninterrupted run has at that step. In dni/cdni, generator
+targets still on the wire at that moment are not part of it (they are dropped on resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+
+from dni_async.report import atomic_write
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def folder(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step-{step:09d}")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_arrays(path: str, arrays: dict) -> str:
+    """Write an npz atomically; returns its sha256."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_arrays(path: str) -> dict:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def write_manifest(ckpt_dir: str, step: int, files: dict) -> None:
+    """The last write of a checkpoint: from here on it counts."""
+    body = json.dumps({"step": step, "files": files}, indent=2).encode()
+    atomic_write(os.path.join(ckpt_dir, MANIFEST), body)
+
+
+def verify(ckpt_dir: str) -> dict:
+    """The manifest of a complete, undamaged checkpoint, or CheckpointError saying what is wrong."""
+    path = os.path.join(ckpt_dir, MANIFEST)
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir} is unfinished (no manifest)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{ckpt_dir}: manifest is damaged") from None
+    for name, digest in files.items():
+        p = os.path.join(ckpt_dir, name)
+        if not os.path.exists(p):
+            raise CheckpointError(f"{ckpt_dir}: {name} is missing")
+        if sha256_file(p) != digest:
+            raise CheckpointError(f"{ckpt_dir}: {name} is damaged (sha256 differs from the manifest)")
+    return manifest
+
+
+def candidates(run_dir: str) -> list:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted((os.path.join(root, d) for d in os.listdir(root) if d.startswith("step-")),
+                  reverse=True)
+
+
+def latest_good(run_dir: str, log=print) -> str:
+    """The newest checkpoint that verifies; says why any newer one was refused."""
+    for ckpt in candidates(run_dir):
+        try:
+            verify(ckpt)
+            return ckpt
+        except CheckpointError as exc:
+            if log:
+                log(f"dni-async: refusing checkpoint: {exc}; trying the previous one")
+    raise CheckpointError(f"no usable checkpoint in {run_dir}")
+
+
+def prune(run_dir: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (and any newer unfinished one)."""
+    good = [c for c in candidates(run_dir) if os.path.exists(os.path.join(c, MANIFEST))]
+    for old in good[keep:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""Checkpoints: a lockstep run stopped or killed mid-way and resumed ends exactly where an
+uninterrupted run does; a damaged checkpoint is refused in favour of the previous one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from conftest import ROOT, cli, procs_mentioning
+from dni_async import checkpoint, reference
+from dni_async.config import make_config
+
+FLAGS = ["--mode", "backprop", "--epochs", "60"]
+
+
+def uninterrupted():
+    return reference.train(make_config({"mode": "backprop", "epochs": 60}), log=None)
+
+
+def start(run_dir, *extra):
+    return subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--run-dir", str(run_dir),
+                             "--quiet", *FLAGS, *extra], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoints(run_dir, n, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [c for c in checkpoint.candidates(str(run_dir))
+                if os.path.exists(os.path.join(c, checkpoint.MANIFEST))]
+        if len(done) >= n:
+            return done
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def resume(run_dir):
+    r = cli("train", "--resume", run_dir, "--quiet", timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads((run_dir / "summary.json").read_text()), r.stderr
+
+
+def same_run(got, want):
+    assert got["weights_sha256"] == want["weights_sha256"]
+    assert [h["delta_l1"] for h in got["history"]] == [h["delta_l1"] for h in want["history"]]
+    assert [h["test_bit_acc"] for h in got["history"]] == [h["test_bit_acc"] for h in want["history"]]
+
+
+def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(no_leftovers):
+    proc = start(no_leftovers)
+    time.sleep(4)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130, err
+    assert "resume with: dni-async train --resume" in err
+    got, _ = resume(no_leftovers)
+    same_run(got, uninterrupted())
+
+
+def test_killed_run_resumes_from_its_last_periodic_checkpoint(no_leftovers):
+    proc = start(no_leftovers, "--checkpoint-every", "5")
+    wait_for_checkpoints(no_leftovers, 2)
+    for pid in procs_mentioning(str(no_leftovers)):
+        os.kill(pid, signal.SIGKILL)               # no chance to save anything more
+    proc.communicate(timeout=10)
+    got, _ = resume(no_leftovers)
+    same_run(got, uninterrupted())
+
+
+def test_damaged_checkpoint_is_refused_and_the_previous_one_used(no_leftovers):
+    proc = start(no_leftovers, "--checkpoint-every", "5")
+    good = wait_for_checkpoints(no_leftovers, 2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
+    newest = checkpoint.candidates(str(no_leftovers))[0]
+    victim = os.path.join(newest, "stage-1.npz")
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(victim, "wb").write(bytes(data))
+    got, err = resume(no_leftovers)
+    assert "refusing checkpoint" in err and "stage-1.npz is damaged" in err
+    same_run(got, uninterrupted())
+
+
+def test_unfinished_checkpoint_is_not_used(tmp_path):
+    folder = checkpoint.folder(str(tmp_path), 10)
+    os.makedirs(folder)
+    checkpoint.save_arrays(os.path.join(folder, "stage-0.npz"), {"W": np.zeros(3)})
+    try:
+        checkpoint.latest_good(str(tmp_path), log=None)
+    except checkpoint.CheckpointError as exc:
+        assert "no usable checkpoint" in str(exc)
+    else:
+        raise AssertionError("an unfinished checkpoint was accepted")
+
+
+def test_resume_without_checkpoints_is_a_clear_error(tmp_path):
+    r = cli("train", "--preset", "tiny", "--run-dir", tmp_path, "--quiet")
+    assert r.returncode == 0
+    r = cli("train", "--resume", tmp_path)
+    assert r.returncode == 2 and "no usable checkpoint" in r.stderr
