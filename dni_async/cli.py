@@ -94,7 +94,7 @@ def _cmd_reference(args) -> int:
 
 def _cmd_train(args) -> int:
     from dni_async import launch
-    if args.resume:
+    if getattr(args, "resume", None):
         return launch.resume(args.resume, json_path=args.json, quiet=args.quiet)
     cfg = config_from_args(args)
     return launch.train(cfg, run_dir=args.run_dir, json_path=args.json, quiet=args.quiet)
@@ -110,9 +110,29 @@ def _cmd_coordinator(args) -> int:
     return coordinator.main(args.run_config)
 
 
-def _cmd_bench(args) -> int:
-    from dni_async import bench
-    return bench.main(args.bench_args)
+def _cmd_keys(args) -> int:
+    from dni_async import security
+    if args.stages < 1:
+        raise ConfigError(f"--stages must be positive, got {args.stages}")
+    made = security.make_keys(args.folder, args.stages)
+    print(f"CURVE keys for {', '.join(made)} in {args.folder}/public (share) and "
+          f"{args.folder}/private (each host keeps only its own); "
+          f"set curve_keys = \"{args.folder}\" in the run's config")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from dni_async import launch
+    cfg = config_from_args(args)
+    if not args.run_dir:
+        raise ConfigError("plan needs --run-dir: the folder every process reads config.json from")
+    spec, _ = launch.prepare(cfg, args.run_dir)
+    path = os.path.join(spec.run_dir, "config.json")
+    print(f"wrote {path} (run id {spec.run_id}); start each process, in any order:")
+    print(f"  dni-async coordinator {path}")
+    for k in range(cfg.n_stages):
+        print(f"  dni-async stage {path} --rank {k}")
+    return 0
 
 
 def _check_writable(path: str) -> None:
@@ -138,15 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
+    pl = sub.add_parser("plan", help="write a run's config.json (endpoints included) for "
+                                     "starting each process by hand, here or on other hosts")
+    _config_flags(pl)
+    _pipeline_flags(pl)
+    pl.set_defaults(func=_cmd_plan)
+
+    k = sub.add_parser("keys", help="make CURVE keys for tcp runs between hosts")
+    k.add_argument("folder")
+    k.add_argument("--stages", type=int, required=True, help="number of stage processes")
+    k.set_defaults(func=_cmd_keys)
+
     s = sub.add_parser("stage", help="run one stage process from a run config (config.json)")
     s.add_argument("run_config", help="the run's config.json with its endpoints")
     s.add_argument("--rank", type=int, required=True, help="stage index, 0-based")
     s.set_defaults(func=_cmd_stage)
 
-    b = sub.add_parser("bench", help="measure every mode side by side (see dni-async bench -h)",
-                       add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
-    b.set_defaults(func=_cmd_bench)
+    sub.add_parser("bench", help="measure every mode side by side (see dni-async bench -h)",
+                   add_help=False)
 
     c = sub.add_parser("coordinator", help="run the coordinator from a run config (config.json)")
     c.add_argument("run_config")
@@ -159,6 +188,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]   # no flags: the demo
+    if argv[0] == "bench":   # bench parses its own flags (REMAINDER would drop "--x" ones)
+        from dni_async import bench
+        return bench.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -66,6 +66,10 @@ class Config:
     checkpoint_every: int = 0           # epochs between checkpoints; 0: only on Ctrl-C / SIGTERM
     keep_checkpoints: int = 2
     curve_keys: str = ""                # folder made by `dni-async keys`: tcp with CURVE
+    # several hosts: name each process's address; ports follow from base_port (see runspec)
+    coordinator_host: str = ""
+    stage_hosts: list = field(default_factory=list)
+    base_port: int = 0
     # resolved from the data at launch
     input_dim: int = 0
     output_dim: int = 0
@@ -235,6 +239,15 @@ def validate(cfg: Config) -> None:
          "softmax output and softmax_xent loss go together")
     ctx = cfg.generator_context()
     need(ctx in nn.CONTEXTS, f"unknown context {ctx!r} (choose from auto, {', '.join(nn.CONTEXTS)})")
+    if cfg.stage_hosts or cfg.coordinator_host or cfg.base_port:
+        need(cfg.transport == "tcp", "stage_hosts / coordinator_host / base_port need transport = tcp")
+        need(len(cfg.stage_hosts) == cfg.n_stages,
+             f"stage_hosts names {len(cfg.stage_hosts)} hosts for {cfg.n_stages} stages")
+        need(bool(cfg.coordinator_host), "coordinator_host is missing")
+        need(1024 <= cfg.base_port <= 65535 - 2 * cfg.n_stages - 10,
+             f"base_port must leave room for {2 * cfg.n_stages + 10} ports below 65536")
+    if cfg.curve_keys:
+        need(cfg.transport == "tcp", "curve_keys secures tcp; ipc is local and needs no keys")
     if cfg.mode == "gpipe":
         need(cfg.batch_size % cfg.micro_batches == 0,
              f"gpipe: batch_size {cfg.batch_size} must divide into {cfg.micro_batches} micro-batches")

@@ -26,7 +26,8 @@ import zmq
 
 from dni_async import checkpoint, metrics, network, report, wire
 from dni_async.config import ConfigError
-from dni_async.runspec import RunSpec
+from dni_async.runspec import EVAL_CHUNK, RunSpec
+from dni_async.security import Curve
 from dni_async.timing import Clock
 
 EXIT_STAGE_LOST = 3
@@ -65,14 +66,22 @@ class Coordinator:
     def _open_sockets(self) -> None:
         ep = self.spec.endpoints
         self.ctx = wire.make_context()
+        self.curve = None
+        if self.cfg.curve_keys:
+            self.curve = Curve(self.cfg.curve_keys, "coordinator")
+            self.curve.start(self.ctx)
         self.control = wire.socket(self.ctx, zmq.ROUTER, max_msg_bytes=1 << 20)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.SNDTIMEO, int(self.cfg.peer_timeout_s * 1000))
-        self.control.bind(ep["control"])
         self.results = wire.socket(self.ctx, zmq.PULL, max_msg_bytes=1 << 20)
-        self.results.bind(ep["results"])
         self.feed = wire.socket(self.ctx, zmq.PUSH)
         self.feed.setsockopt(zmq.SNDTIMEO, int(self.cfg.peer_timeout_s * 1000))
+        if self.curve:
+            self.curve.server(self.control)
+            self.curve.server(self.results)
+            self.curve.client(self.feed, "stage-0")
+        self.control.bind(ep["control"])
+        self.results.bind(ep["results"])
         self.feed.connect(ep["fwd_in"][0])
         self.sockets = [self.control, self.results, self.feed]
         self.poller = zmq.Poller()
@@ -80,6 +89,8 @@ class Coordinator:
         self.poller.register(self.results, zmq.POLLIN)
 
     def close(self) -> None:
+        if self.curve:
+            self.curve.stop()
         wire.close_all(self.ctx, self.sockets)
 
     # -- control plane --------------------------------------------------------------------
@@ -220,7 +231,7 @@ class Coordinator:
 
     def evaluate(self, x, y, tag: int) -> dict:
         """Forward-only pass through the stages; the last stage sends back metric sums."""
-        chunk = 4096
+        chunk = EVAL_CHUNK
         steps = []
         for j, i in enumerate(range(0, len(x), chunk)):
             step = tag * 1000 + j
@@ -362,7 +373,11 @@ def _rank_of(ident: bytes, n: int):
 
 def main(spec_path: str) -> int:
     spec = RunSpec.load(spec_path)
-    coord = Coordinator(spec)
+    try:
+        coord = Coordinator(spec)
+    except zmq.ZMQError as exc:
+        print(f"dni-async: coordinator cannot open its sockets: {exc}", file=sys.stderr)
+        return 1
 
     def interrupt(signum, frame):
         # Ctrl-C reaches this process from the terminal and again from `train`: both mean

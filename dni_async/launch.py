@@ -20,7 +20,7 @@ import time
 
 from dni_async import network, report
 from dni_async.config import Config, ConfigError
-from dni_async.runspec import RunSpec, plan_endpoints, remove_ipc_files
+from dni_async.runspec import RunSpec, check_ports_free, plan_endpoints, remove_ipc_files
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -75,6 +75,12 @@ def prepare(cfg: Config, run_dir: str | None, trace: bool = False,
         if ipc_dir:
             shutil.rmtree(ipc_dir, ignore_errors=True)
         raise ConfigError(f"cannot plan endpoints: {exc}") from None
+    try:
+        check_ports_free(endpoints)
+    except ConfigError:
+        if ipc_dir:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
+        raise
     spec = RunSpec(config=cfg, run_dir=run_dir, endpoints=endpoints, trace=trace,
                    resume_from=resume_from)
     spec.save(os.path.join(run_dir, "config.json"))

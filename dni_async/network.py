@@ -10,7 +10,7 @@ import numpy as np
 
 from dni_async import data as data_mod
 from dni_async import nn
-from dni_async.config import Config
+from dni_async.config import Config, ConfigError
 from dni_async.stage_model import StageModel
 
 
@@ -29,7 +29,12 @@ def load_data_and_rng(cfg: Config):
 
 
 def resolve_dims(cfg: Config, dataset) -> Config:
-    cfg.input_dim, cfg.output_dim = dataset.input_dim, dataset.output_dim
+    """Widths come from the data; a config that states other ones is refused, not bent."""
+    for name, have in (("input_dim", dataset.input_dim), ("output_dim", dataset.output_dim)):
+        stated = getattr(cfg, name)
+        if stated and stated != have:
+            raise ConfigError(f"{name} = {stated} does not match the dataset ({have} columns)")
+        setattr(cfg, name, have)
     return cfg
 
 

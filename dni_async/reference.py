@@ -17,11 +17,12 @@ from dni_async import metrics, network, nn, report
 from dni_async.config import Config
 
 
-def train_step(models, cfg: Config, step: int, x, y) -> dict:
-    """One batch through every stage; returns the batch's metric sums (taken before updates)."""
+def train_step(models, cfg: Config, step: int, x, y, sums: dict) -> None:
+    """One batch through every stage; adds its metric sums (taken before updates) to `sums`,
+    in the order the pipeline's coordinator adds them, so the two agree to the last bit."""
     n = len(models)
     if cfg.mode == "gpipe":
-        return _gpipe_step(models, cfg, x, y)
+        return _gpipe_step(models, cfg, x, y, sums)
     hs = [x]
     targets = [None] * n
     for k in range(n - 1):
@@ -31,7 +32,7 @@ def train_step(models, cfg: Config, step: int, x, y) -> dict:
                                                     need_grad_input=k > 0)
     hs.append(models[-1].forward(hs[-1]))
     g, delta = models[-1].backward_from_loss(hs[n - 1], hs[n], y, need_grad_input=n > 1)
-    sums = metrics.batch_sums(_task(cfg), cfg.loss, hs[n], y, delta)
+    metrics.add(sums, metrics.batch_sums(_task(cfg), cfg.loss, hs[n], y, delta))
     if cfg.decoupled:
         targets[n - 1] = g
         for k in range(n - 1):
@@ -39,14 +40,12 @@ def train_step(models, cfg: Config, step: int, x, y) -> dict:
     else:
         for k in range(n - 2, -1, -1):
             g = models[k].backward(hs[k], hs[k + 1], g, need_grad_input=k > 0)
-    return sums
 
 
-def _gpipe_step(models, cfg: Config, x, y) -> dict:
+def _gpipe_step(models, cfg: Config, x, y, total: dict) -> None:
     """Micro-batches through every stage, gradients summed, one update per batch."""
     n = len(models)
     acc = [None] * n
-    total = metrics.empty()
     for xm, ym in zip(np.array_split(x, cfg.micro_batches), np.array_split(y, cfg.micro_batches)):
         hs = [xm]
         for k in range(n):
@@ -66,7 +65,6 @@ def _gpipe_step(models, cfg: Config, x, y) -> dict:
                                                       None if gb is None else acc[k][1] + gb)
     for k in range(n):
         models[k].layer.apply(acc[k][0], acc[k][1], models[k].lr)
-    return total
 
 
 def _task(cfg: Config) -> str:
@@ -97,7 +95,7 @@ def train(cfg: Config, log=print) -> dict:
         sums = metrics.empty()
         for i in range(bpe):
             x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
-            metrics.add(sums, train_step(models, cfg, epoch * bpe + i, x, y))
+            train_step(models, cfg, epoch * bpe + i, x, y, sums)
         dt = time.perf_counter() - t0
         train_seconds += dt
         test = None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from dni_async import wire
 from dni_async.config import Config, ConfigError, config_from_dict
 
+EVAL_CHUNK = 4096      # rows per eval message: bounds the largest array any stage accepts
+
 
 @dataclass
 class RunSpec:
@@ -43,8 +45,18 @@ class RunSpec:
 
 
 def plan_endpoints(cfg: Config, ipc_dir: str | None) -> dict:
-    """Every address of the run: ipc files in a private folder, or free tcp ports on cfg.host."""
+    """Every address of the run: ipc files in a private folder, free tcp ports on cfg.host, or,
+    when the config names the hosts, fixed ports from base_port that every host can derive."""
     n = cfg.n_stages
+    if cfg.stage_hosts:
+        p, c = cfg.base_port, cfg.coordinator_host
+        return {
+            "control": f"tcp://{c}:{p}",
+            "results": f"tcp://{c}:{p + 1}",
+            "fwd_in": [f"tcp://{h}:{p + 10 + 2 * k}" for k, h in enumerate(cfg.stage_hosts)],
+            "grad_in": [f"tcp://{h}:{p + 11 + 2 * k}" if k < n - 1 else None
+                        for k, h in enumerate(cfg.stage_hosts)],
+        }
     if cfg.transport == "ipc":
         def ep(name):
             return wire.ipc_endpoint(ipc_dir, name)
@@ -71,3 +83,22 @@ def remove_ipc_files(endpoints: dict) -> None:
             os.unlink(p)
         except FileNotFoundError:
             pass
+
+
+def check_ports_free(endpoints: dict) -> None:
+    """Fail before any process starts if a tcp port this machine should bind is taken."""
+    import socket as pysocket
+    for ep in [endpoints["control"], endpoints["results"], *endpoints["fwd_in"],
+               *endpoints["grad_in"]]:
+        if not ep or not ep.startswith("tcp://"):
+            continue
+        host, port = ep[len("tcp://"):].rsplit(":", 1)
+        s = pysocket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM)
+        try:
+            s.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno == 98:   # EADDRINUSE
+                raise ConfigError(f"port {port} on {host} is in use ({ep})") from None
+            # EADDRNOTAVAIL: another host's address; that host checks it
+        finally:
+            s.close()

@@ -25,9 +25,10 @@ import time
 import numpy as np
 import zmq
 
-from dni_async import checkpoint, metrics, network, wire
+from dni_async import checkpoint, metrics, network, nn, wire
 from dni_async.config import ConfigError
-from dni_async.runspec import RunSpec
+from dni_async.runspec import EVAL_CHUNK, RunSpec
+from dni_async.security import Curve
 from dni_async.timing import Clock
 
 EXIT_PEER_LOST = 3
@@ -61,6 +62,9 @@ class Stage:
         self.accum_count = 0
         self.batches = 0
         self.stopping = False
+        # the largest array this stage can legitimately receive: anything larger is refused
+        rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
+        self.max_array_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize
         self.fault = Fault.from_env(rank)
         if self.fault:
             self.fault.maybe_fire(0)
@@ -73,31 +77,39 @@ class Stage:
         self.ctx = wire.make_context()
         socks = []
         timeout_ms = int(self.cfg.peer_timeout_s * 1000)
+        self.curve = None
+        if self.cfg.curve_keys:
+            self.curve = Curve(self.cfg.curve_keys, f"stage-{k}")
+            self.curve.start(self.ctx)
 
-        def make(kind, **kw):
+        def make(kind, peer=None, **kw):
+            """peer None: this socket binds (a CURVE server); else it connects to `peer`."""
             s = wire.socket(self.ctx, kind, **kw)
             socks.append(s)
+            if self.curve:
+                self.curve.server(s) if peer is None else self.curve.client(s, peer)
             return s
 
-        self.fwd_in = make(zmq.PULL, max_msg_bytes=wire.DEFAULT_MAX_ARRAY_BYTES)
+        frame_cap = max(self.max_array_bytes, wire.DEFAULT_MAX_HEADER)
+        self.fwd_in = make(zmq.PULL, max_msg_bytes=frame_cap)
         self.fwd_in.bind(ep["fwd_in"][k])
         self.grad_in = None
         if not self.last:
-            self.grad_in = make(zmq.PULL, max_msg_bytes=wire.DEFAULT_MAX_ARRAY_BYTES)
+            self.grad_in = make(zmq.PULL, max_msg_bytes=frame_cap)
             self.grad_in.bind(ep["grad_in"][k])
         self.fwd_out = self.grad_out = None
         if not self.last:
-            self.fwd_out = make(zmq.PUSH)
+            self.fwd_out = make(zmq.PUSH, peer=f"stage-{k + 1}")
             self.fwd_out.setsockopt(zmq.SNDTIMEO, timeout_ms)
             self.fwd_out.connect(ep["fwd_in"][k + 1])
         if k > 0:
-            self.grad_out = make(zmq.PUSH)
+            self.grad_out = make(zmq.PUSH, peer=f"stage-{k - 1}")
             self.grad_out.setsockopt(zmq.SNDTIMEO, timeout_ms)
             self.grad_out.connect(ep["grad_in"][k - 1])
-        self.results = make(zmq.PUSH)
+        self.results = make(zmq.PUSH, peer="coordinator")
         self.results.setsockopt(zmq.SNDTIMEO, timeout_ms)
         self.results.connect(ep["results"])
-        self.control = make(zmq.DEALER, max_msg_bytes=1 << 20)
+        self.control = make(zmq.DEALER, peer="coordinator", max_msg_bytes=1 << 20)
         self.control.setsockopt(zmq.IDENTITY, f"stage-{k}".encode())
         self.control.setsockopt(zmq.SNDTIMEO, timeout_ms)
         self.control.connect(ep["control"])
@@ -108,6 +120,8 @@ class Stage:
                 self.poller.register(s, zmq.POLLIN)
 
     def close(self) -> None:
+        if self.curve:
+            self.curve.stop()
         wire.close_all(self.ctx, self.sockets)
 
     def _send(self, sock, kind, step=-1, arrays=(), meta=None) -> None:
@@ -120,7 +134,7 @@ class Stage:
 
     def _recv(self, sock):
         try:
-            return wire.recv(sock, self.spec.run_id, 0)
+            return wire.recv(sock, self.spec.run_id, 0, max_array_bytes=self.max_array_bytes)
         except wire.WireError:
             self.bad_messages += 1
             return None
@@ -275,7 +289,6 @@ class Stage:
         need_g = self.rank > 0
         if self.cfg.mode == "gpipe":
             with self.clock.span("update", step):
-                from dni_async import nn
                 delta = nn.output_delta(self.cfg.loss, self.model.layer.activation, h, y)
                 g = self.model.layer.grad_input(delta)
                 self._accumulate(x, delta, meta)

@@ -1,0 +1,73 @@
+"""Bad settings: one clear line on stderr, exit status 2, and no process started."""
+
+import socket
+
+import pytest
+
+from conftest import cli, procs_mentioning
+
+
+def check_refused(r, needle, run_dir):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("dni-async: error:"), r.stderr
+    assert needle in lines[0], lines[0]
+    assert not procs_mentioning(str(run_dir))
+    assert not (run_dir / "config.json").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--set", "input_dim=30"], "input_dim = 30 does not match the dataset (24 columns)"),
+    (["--hidden", "16,8", "--activation", "relu,tanh,relu"], "one per hidden layer"),
+    (["--mode", "synthetic"], "unknown mode 'synthetic'"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--batch-size", "0"], "batch_size must be positive"),
+    (["--hidden", "64,0"], "widths must be positive"),
+    (["--max-in-flight", "-1"], "max_in_flight must be positive"),
+    (["--dtype", "float16"], "unknown dtype"),
+    (["--set", "colour=blue"], "unknown setting 'colour'"),
+    (["--dataset", "missing.npz"], "does not exist"),
+    (["--transport", "tcp", "--set", "stage_hosts=127.0.0.2"], "names 1 hosts for 3 stages"),
+])
+def test_bad_settings(flags, needle, tmp_path):
+    r = cli("train", "--run-dir", tmp_path / "run", *flags)
+    check_refused(r, needle, tmp_path / "run")
+
+
+def test_port_in_use(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    try:
+        r = cli("train", "--run-dir", tmp_path / "run", "--transport", "tcp",
+                "--set", "coordinator_host=127.0.0.1",
+                "--set", "stage_hosts=127.0.0.1,127.0.0.1,127.0.0.1",
+                "--set", f"base_port={port}")
+    finally:
+        s.close()
+    assert r.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in r.stderr, r.stderr
+    assert not procs_mentioning(str(tmp_path / "run"))
+
+
+def test_unwritable_run_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = cli("train", "--run-dir", blocker / "run")
+    assert r.returncode == 2 and "cannot write the run folder" in r.stderr, r.stderr
+
+
+def test_bad_toml(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("epochs = [1, 2\n")
+    r = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
+    check_refused(r, "is not valid TOML", tmp_path / "run")
+
+
+def test_missing_optional_dependency(tmp_path):
+    fake = tmp_path / "fake" / "sklearn"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
+    r = cli("train", "--dataset", "digits", "--run-dir", tmp_path / "run",
+            env={"PYTHONPATH": str(tmp_path / "fake"), "DNI_ASYNC_CACHE": "off"})
+    check_refused(r, "pip install 'dni-async[data]'", tmp_path / "run")

@@ -1,0 +1,141 @@
+"""Processes started by hand from one config that names every host: on loopback addresses of
+their own, and, where the machine allows it, each in its own network namespace."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, cli
+from dni_async import reference
+from dni_async.config import make_config
+
+SETTINGS = {"mode": "backprop", "epochs": 30, "preset": "tiny"}
+
+
+def plan(run_dir, coordinator_host, stage_hosts, extra=()):
+    for _ in range(5):
+        base = random.randint(20000, 60000)
+        r = cli("plan", "--preset", "tiny", "--mode", "backprop", "--epochs", SETTINGS["epochs"],
+                "--transport", "tcp", "--run-dir", run_dir,
+                "--set", f"coordinator_host={coordinator_host}",
+                "--set", f"stage_hosts={','.join(stage_hosts)}", "--set", f"base_port={base}",
+                *extra)
+        if r.returncode == 0:
+            return os.path.join(run_dir, "config.json")
+        assert "in use" in r.stderr, r.stderr
+    raise AssertionError("no free port range")
+
+
+def start_all(path, n, wrap=lambda who: []):
+    py = [sys.executable, "-m", "dni_async"]
+    stages = [subprocess.Popen([*wrap(f"s{k}"), *py, "stage", path, "--rank", str(k)], cwd=ROOT,
+                               stderr=subprocess.PIPE, text=True) for k in range(n)]
+    coord = subprocess.Popen([*wrap("c"), *py, "coordinator", path], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return coord, stages
+
+
+def end_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_every_process_on_its_own_loopback_address(tmp_path):
+    path = plan(tmp_path, "127.0.0.1", ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    spec = json.loads(open(path).read())
+    assert spec["endpoints"]["fwd_in"][2].startswith("tcp://127.0.0.4:")
+    coord, stages = start_all(path, 3)
+    try:
+        assert coord.wait(timeout=120) == 0, coord.stderr.read()
+        assert all(s.wait(timeout=10) == 0 for s in stages)
+    finally:
+        end_all([coord, *stages])
+    got = json.loads((tmp_path / "summary.json").read_text())
+    want = reference.train(make_config({k: v for k, v in SETTINGS.items() if k != "preset"},
+                                       preset="tiny"), log=None)
+    assert got["weights_sha256"] == want["weights_sha256"]
+
+
+# -- network namespaces: one per process, joined by a bridge ---------------------------------
+
+NS = ["dnic", "dni0", "dni1", "dni2"]
+ADDR = {"dnic": "10.77.0.1", "dni0": "10.77.0.2", "dni1": "10.77.0.3", "dni2": "10.77.0.4"}
+
+
+def sh(*cmd):
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def netns_teardown():
+    for ns in NS:
+        sh("ip", "netns", "del", ns)
+        sh("ip", "link", "del", f"v{ns}")
+    sh("ip", "link", "del", "dnibr")
+
+
+@pytest.fixture
+def namespaces():
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs iproute2 and root to make network namespaces")
+    netns_teardown()
+    ok = sh("ip", "link", "add", "dnibr", "type", "bridge").returncode == 0
+    ok = ok and sh("ip", "link", "set", "dnibr", "up").returncode == 0
+    for ns in NS:
+        if not ok:
+            break
+        steps = [("ip", "netns", "add", ns),
+                 ("ip", "link", "add", f"v{ns}", "type", "veth", "peer", "name", "eth0", "netns", ns),
+                 ("ip", "link", "set", f"v{ns}", "master", "dnibr"),
+                 ("ip", "link", "set", f"v{ns}", "up"),
+                 ("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ADDR[ns]}/24", "dev", "eth0"),
+                 ("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up"),
+                 ("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")]
+        ok = all(sh(*c).returncode == 0 for c in steps)
+    if not ok:
+        netns_teardown()
+        pytest.skip("this machine does not permit network namespaces with a bridge")
+    yield lambda who: ["ip", "netns", "exec", {"c": "dnic", "s0": "dni0", "s1": "dni1",
+                                               "s2": "dni2"}[who]]
+    netns_teardown()
+
+
+def test_pipeline_across_network_namespaces(tmp_path, namespaces):
+    path = plan(tmp_path, ADDR["dnic"], [ADDR["dni0"], ADDR["dni1"], ADDR["dni2"]])
+    coord, stages = start_all(path, 3, namespaces)
+    try:
+        assert coord.wait(timeout=120) == 0, coord.stderr.read()
+        assert all(s.wait(timeout=10) == 0 for s in stages)
+    finally:
+        end_all([coord, *stages])
+    got = json.loads((tmp_path / "summary.json").read_text())
+    want = reference.train(make_config({k: v for k, v in SETTINGS.items() if k != "preset"},
+                                       preset="tiny"), log=None)
+    assert got["weights_sha256"] == want["weights_sha256"]
+
+
+def test_cut_link_is_detected_and_everyone_exits(tmp_path, namespaces):
+    path = plan(tmp_path, ADDR["dnic"], [ADDR["dni0"], ADDR["dni1"], ADDR["dni2"]],
+                extra=["--epochs", "100000"])
+    coord, stages = start_all(path, 3, namespaces)
+    try:
+        time.sleep(3)
+        assert coord.poll() is None
+        t0 = time.monotonic()
+        assert sh("ip", "link", "set", "vdni1", "down").returncode == 0   # stage 1's cable
+        rc = coord.wait(timeout=15)
+        codes = [s.wait(timeout=15) for s in stages]
+        took = time.monotonic() - t0
+    finally:
+        end_all([coord, *stages])
+    err = coord.stderr.read()
+    assert rc == 3 and "stage 1" in err, err
+    assert codes[1] == 3            # the cut-off stage gave up on the coordinator by itself
+    assert took < 10
