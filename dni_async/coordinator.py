@@ -56,6 +56,7 @@ class Coordinator:
         self.acks = {}
         self.interrupted = False
         self.last_checkpoint = None
+        self.checkpoints = []     # seconds each checkpoint took
         # where the run stands: what a checkpoint saves and a resume restores
         self.epoch, self.next_batch = 0, 0
         self.history, self.train_seconds, self.n_eval = [], 0.0, 0
@@ -292,6 +293,7 @@ class Coordinator:
     def checkpoint(self) -> str:
         """Snapshot every stage and the coordinator while nothing is in flight."""
         self._wait_credit(1)
+        t0 = time.perf_counter()
         step = self.step()
         folder = checkpoint.folder(self.spec.run_dir, step)
         os.makedirs(folder, exist_ok=True)
@@ -314,6 +316,7 @@ class Coordinator:
         checkpoint.write_manifest(folder, step, files)
         checkpoint.prune(self.spec.run_dir, self.cfg.keep_checkpoints)
         self.last_checkpoint = folder
+        self.checkpoints.append(time.perf_counter() - t0)
         return folder
 
     def _restore(self, folder: str) -> None:
@@ -355,6 +358,7 @@ class Coordinator:
             "bad_messages": {"coordinator": self.bad_messages,
                              **{f"stage-{s['rank']}": s["bad_messages"] for s in stages}},
             "coordinator_times": self.clock.totals,
+            "checkpoint_seconds": self.checkpoints,
             "machine": report.machine(),
         }
 

@@ -139,3 +139,19 @@ def test_cut_link_is_detected_and_everyone_exits(tmp_path, namespaces):
     assert rc == 3 and "stage 1" in err, err
     assert codes[1] == 3            # the cut-off stage gave up on the coordinator by itself
     assert took < 10
+
+
+def test_slurm_task_script_maps_ranks_to_processes(tmp_path):
+    """launch/slurm-task.sh as srun would run it: SLURM_PROCID 0 is the coordinator."""
+    path = plan(tmp_path, "127.0.0.1", ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    script = os.path.join(ROOT, "launch", "slurm-task.sh")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    procs = [subprocess.Popen([script, path], cwd=ROOT, env=dict(env, SLURM_PROCID=str(r)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(4)]
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        end_all(procs)
+    assert codes == [0, 0, 0, 0], [p.stderr.read() for p in procs]
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "stage-2.npz").exists()
