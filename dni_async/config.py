@@ -56,7 +56,7 @@ class Config:
     # pipeline
     transport: str = "ipc"
     host: str = "127.0.0.1"
-    max_in_flight: int = 8
+    max_in_flight: int = 4
     max_pending: int = 64
     eval_every: int = 1
     log_every: int = 0                  # 0: about 20 lines per run
@@ -122,8 +122,8 @@ PRESETS: dict[str, dict] = {
 
 # Defaults that differ by mode for the seed-like presets: what makes synthetic gradients learn.
 MODE_DEFAULTS: dict[str, dict] = {
-    "dni": {"generator_lr": 0.001},
-    "cdni": {"generator_lr": 0.001},
+    "dni": {"generator_lr": 0.0005},
+    "cdni": {"generator_lr": 0.0005},
 }
 
 

@@ -276,6 +276,9 @@ class Coordinator:
                                      samples / dt if dt else 0.0)
             self.history.append(row)
             self.epoch, self.next_batch = epoch + 1, 0
+            if log and report.diverged(row) and (len(self.history) < 2
+                                                 or not report.diverged(self.history[-2])):
+                log(f"epoch {epoch + 1}: {report.DIVERGED}", flush=True)
             if log and ((epoch + 1) % every == 0 or epoch == cfg.epochs - 1):
                 log(report.format_row(row, cfg.epochs), flush=True)
             if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:

@@ -254,6 +254,13 @@ def summary_text(s: dict) -> str:
     f = s["final"]
     busy = "  ".join(f"stage {k}: {b:.0%}" for k, b in enumerate(s["stage_busy"]))
     bad = sum(s["bad_messages"].values())
+    lags = []
+    for st in s["stages"]:
+        c = st.get("counters", {})
+        if c.get("targets_applied"):
+            lags.append(f"stage {st['rank']}: mean {c['target_lag_sum'] / c['targets_applied']:.2f} "
+                        f"max {c['target_lag_max']}")
+    lag = f"target lag (own updates before a generator target arrives): {'  '.join(lags)}\n" if lags else ""
     return (f"\n== {s['config']['mode']} across {len(s['stage_busy'])} stage processes ==\n"
             f"train: bit accuracy {f['train_bit_acc']:.4f}  exact {f['train_exact_acc']:.4f}  "
             f"loss {f['train_loss']:.5f}\n"
@@ -261,5 +268,6 @@ def summary_text(s: dict) -> str:
             f"throughput: {s['samples_per_s']:,.0f} samples/s over {s['train_seconds']:.1f} s "
             f"of training ({s['wall_seconds']:.1f} s wall)\n"
             f"busy share: {busy}\n"
+            f"{lag}"
             f"bad messages dropped: {bad}\n"
             f"run folder: {s.get('run_dir')}")

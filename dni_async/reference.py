@@ -103,6 +103,8 @@ def train(cfg: Config, log=print) -> dict:
             test = metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")
         row = report.history_row(epoch, sums, test, train_seconds, bpe * bs / dt if dt else 0.0)
         history.append(row)
+        if log and report.diverged(row) and (len(history) < 2 or not report.diverged(history[-2])):
+            log(f"epoch {epoch + 1}: {report.DIVERGED}")
         if log and ((epoch + 1) % every == 0 or epoch == cfg.epochs - 1):
             log(report.format_row(row, cfg.epochs))
     final = {**metrics.summarize(evaluate(models, cfg, ds.x_train, ds.y_train), "train"),

@@ -38,6 +38,14 @@ def history_row(epoch: int, train_sums: dict, test: dict | None, seconds: float,
     return row
 
 
+def diverged(row: dict) -> bool:
+    return row["loss"] != row["loss"] or row["loss"] in (float("inf"), float("-inf"))
+
+
+DIVERGED = ("training diverged (the loss is not a number): try a smaller --generator-lr, "
+            "--lr or --max-in-flight")
+
+
 def log_every(cfg) -> int:
     return cfg.log_every or max(1, cfg.epochs // 20)
 

@@ -31,7 +31,11 @@ class StageModel:
         self.context = context
         self.max_pending = max_pending
         self.pending: OrderedDict[int, tuple] = OrderedDict()
-        self.counters = {"targets_applied": 0, "targets_dropped": 0, "targets_unknown": 0}
+        # target_lag: how many of this stage's own updates happened between predicting a
+        # synthetic gradient and learning its target (0 in the reference; the staleness)
+        self.counters = {"targets_applied": 0, "targets_dropped": 0, "targets_unknown": 0,
+                         "target_lag_sum": 0, "target_lag_max": 0}
+        self.updates = 0
         self.generator_sq_error = 0.0     # running sum of ||g_hat - target||^2 since last read
 
     @property
@@ -70,7 +74,8 @@ class StageModel:
         delta = self.layer.delta(h, g_hat)
         g_prev = self.layer.grad_input(delta) if need_grad_input else None
         self.layer.update(x, delta, self.lr)
-        self._remember(step, (cache, g_hat))
+        self.updates += 1
+        self._remember(step, (cache, g_hat, self.updates))
         return g_prev
 
     def _remember(self, step: int, entry) -> None:
@@ -85,9 +90,12 @@ class StageModel:
         if entry is None:
             self.counters["targets_unknown"] += 1
             return False
-        cache, g_hat = entry
+        cache, g_hat, at = entry
         self.generator_sq_error += self.generator.update(cache, g_hat, target)
         self.counters["targets_applied"] += 1
+        lag = self.updates - at
+        self.counters["target_lag_sum"] += lag
+        self.counters["target_lag_max"] = max(self.counters["target_lag_max"], lag)
         return True
 
     # -- state ----------------------------------------------------------------------------

@@ -26,9 +26,9 @@ def test_two_runs_are_identical():
 
 
 def test_cdni_learns_the_seed_task():
-    # cDNI with the defaults passes 99% training bit accuracy near epoch 400 of its
-    # 1000-epoch budget; 450 epochs keep the test short and still prove the claim.
-    s = reference.train(make_config({"mode": "cdni", "epochs": 450}), log=None)
+    # cDNI with the defaults passes 99% training bit accuracy between epochs 400 and 500 of
+    # its 1000-epoch budget (0.977 at 400, 0.997 at 500); 550 epochs keep the test short.
+    s = reference.train(make_config({"mode": "cdni", "epochs": 550}), log=None)
     assert s["final"]["train_bit_acc"] >= 0.99
 
 
