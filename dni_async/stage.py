@@ -239,27 +239,22 @@ class Stage:
 
     # -- data plane -----------------------------------------------------------------------
 
-    def _checked(self, msg, n_arrays: int, width: int | None) -> bool:
-        """A message of the right kind can still carry the wrong arrays; drop those."""
-        arrs = msg.arrays
-        ok = (len(arrs) == n_arrays and all(a.ndim == 2 for a in arrs)
-              and all(a.dtype == np.dtype(self.cfg.dtype) for a in arrs)
-              and (width is None or arrs[0].shape[1] == width)
+    def _accept(self, msg, kinds, widths) -> bool:
+        """A well-formed message can still be of the wrong kind or carry the wrong arrays for
+        this stage: accept only what it expects, and count the rest."""
+        arrs, dtype = msg.arrays, np.dtype(self.cfg.dtype)
+        ok = (msg.kind in kinds and len(arrs) == len(widths)
+              and all(a.ndim == 2 and a.dtype == dtype and a.shape[1] == w
+                      for a, w in zip(arrs, widths))
               and len({a.shape[0] for a in arrs}) == 1)
         if not ok:
             self.bad_messages += 1
         return ok
 
     def _on_fwd(self, msg) -> None:
-        widths = self.cfg.widths
-        if msg.kind not in ("fwd", "eval") or not self._checked(msg, 2, widths[self.rank]):
-            if msg.kind not in ("fwd", "eval"):
-                self.bad_messages += 1
+        if not self._accept(msg, ("fwd", "eval"), (self.cfg.widths[self.rank], self.cfg.output_dim)):
             return
         x, y = msg.arrays
-        if msg.arrays[1].shape[1] != self.cfg.output_dim:
-            self.bad_messages += 1
-            return
         step = msg.step
         with self.clock.span("forward" if msg.kind == "fwd" else "eval", step):
             h = self.model.forward(x)
@@ -300,9 +295,7 @@ class Stage:
         self._send(self.results, "loss", step, meta={**meta, "sums": sums})
 
     def _on_grad(self, msg) -> None:
-        if msg.kind != "grad" or not self._checked(msg, 1, self.cfg.widths[self.rank + 1]):
-            if msg.kind != "grad":
-                self.bad_messages += 1
+        if not self._accept(msg, ("grad",), (self.cfg.widths[self.rank + 1],)):
             return
         (g,) = msg.arrays
         step = msg.step
