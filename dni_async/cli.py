@@ -35,11 +35,16 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--generator-lr", type=float)
     g.add_argument("--generator-hidden", type=int, help="0: linear generator")
+    g.add_argument("--generator-normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="standardise the generator's input over the batch")
     g.add_argument("--context", help="generator input: auto | h | y | hy")
     g.add_argument("--micro-batches", type=int, help="gpipe: micro-batches per batch")
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", help="float64 | float32")
     g.add_argument("--eval-every", type=int, help="epochs between held-out evaluations")
+    g.add_argument("--fidelity-every", type=int, metavar="N",
+                   help="reference dni/cdni: every N batches compare synthetic and true "
+                        "gradients (costs a backward pass; 0: off)")
     g.add_argument("--log-every", type=int, help="epochs between progress lines (0: ~20 lines)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting, e.g. --set max_pending=32")
@@ -58,8 +63,9 @@ def _pipeline_flags(p: argparse.ArgumentParser) -> None:
 
 CONFIG_FLAGS = ("preset", "mode", "dataset", "bits", "n_train", "n_test", "hidden", "activation",
                 "output_activation", "loss", "bias", "init", "epochs", "batch_size", "lr",
-                "generator_lr", "generator_hidden", "context", "micro_batches", "seed", "dtype",
-                "eval_every", "log_every", "transport", "host", "max_in_flight", "checkpoint_every")
+                "generator_lr", "generator_hidden", "generator_normalize", "context",
+                "micro_batches", "seed", "dtype", "eval_every", "fidelity_every", "log_every",
+                "transport", "host", "max_in_flight", "checkpoint_every")
 
 
 def config_from_args(args) :
@@ -176,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="measure every mode side by side (see dni-async bench -h)",
                    add_help=False)
+    sub.add_parser("experiment", help="the results table, sweeps, gradient fidelity, the seed "
+                                      "post's DNI run (see dni-async experiment -h)",
+                   add_help=False)
 
     c = sub.add_parser("coordinator", help="run the coordinator from a run config (config.json)")
     c.add_argument("run_config")
@@ -191,6 +200,9 @@ def main(argv=None) -> int:
     if argv[0] == "bench":   # bench parses its own flags (REMAINDER would drop "--x" ones)
         from dni_async import bench
         return bench.main(argv[1:])
+    if argv[0] == "experiment":   # parses its own flags, like bench
+        from dni_async import experiment
+        return experiment.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

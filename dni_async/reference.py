@@ -13,26 +13,37 @@ import time
 
 import numpy as np
 
-from dni_async import metrics, network, nn, report
+from dni_async import metrics, network, nn, report, stage_model
 from dni_async.config import Config
 
 
-def train_step(models, cfg: Config, step: int, x, y, sums: dict) -> None:
+def train_step(models, cfg: Config, step: int, x, y, sums: dict, fidelity=None) -> None:
     """One batch through every stage; adds its metric sums (taken before updates) to `sums`,
-    in the order the pipeline's coordinator adds them, so the two agree to the last bit."""
+    in the order the pipeline's coordinator adds them, so the two agree to the last bit.
+
+    With `fidelity` (a list) in dni/cdni, every `cfg.fidelity_every` steps it also carries
+    the true dL/dh back from the loss through the forward-pass weights and appends, per
+    stage, how close the synthetic gradient came; the training itself is unchanged."""
     n = len(models)
     if cfg.mode == "gpipe":
         return _gpipe_step(models, cfg, x, y, sums)
+    measure = (fidelity is not None and cfg.decoupled and cfg.fidelity_every > 0
+               and step % cfg.fidelity_every == 0)
     hs = [x]
     targets = [None] * n
+    w_fwd = [None] * n
     for k in range(n - 1):
         hs.append(models[k].forward(hs[k]))
         if cfg.decoupled:
+            if measure:
+                w_fwd[k] = models[k].layer.W.copy()   # the update below changes W in place
             targets[k] = models[k].synthetic_update(step, hs[k], hs[k + 1], y,
                                                     need_grad_input=k > 0)
     hs.append(models[-1].forward(hs[-1]))
     g, delta = models[-1].backward_from_loss(hs[n - 1], hs[n], y, need_grad_input=n > 1)
     metrics.add(sums, metrics.batch_sums(_task(cfg), cfg.loss, hs[n], y, delta))
+    if measure:
+        fidelity.append(_fidelity_row(models, step, hs, g, targets, w_fwd))
     if cfg.decoupled:
         targets[n - 1] = g
         for k in range(n - 1):
@@ -40,6 +51,23 @@ def train_step(models, cfg: Config, step: int, x, y, sums: dict) -> None:
     else:
         for k in range(n - 2, -1, -1):
             g = models[k].backward(hs[k], hs[k + 1], g, need_grad_input=k > 0)
+
+
+def _fidelity_row(models, step: int, hs: list, g, targets: list, w_fwd: list) -> dict:
+    """Per stage k < N-1: the synthetic dL/dh_k against the true one (cos, relative error),
+    and the bootstrapped target it will be trained on against the true one (target_cos)."""
+    n = len(models)
+    row = {"step": step, "cos": [0.0] * (n - 1), "rel": [0.0] * (n - 1),
+           "target_cos": [1.0] * (n - 1)}
+    true = g                                       # dL/dh_{N-2}, from the loss
+    for k in range(n - 2, -1, -1):
+        row["cos"][k], row["rel"][k] = stage_model.fidelity(
+            models[k].synthetic_gradient(step), true)
+        if k < n - 2:
+            row["target_cos"][k] = stage_model.fidelity(targets[k + 1], true)[0]
+        if k > 0:
+            true = models[k].layer.delta(hs[k + 1], true).dot(w_fwd[k].T)
+    return row
 
 
 def _gpipe_step(models, cfg: Config, x, y, total: dict) -> None:
@@ -90,18 +118,24 @@ def train(cfg: Config, log=print) -> dict:
     bpe, bs = cfg.batches_per_epoch(), cfg.batch_size
     every = report.log_every(cfg)
     history, train_seconds = [], 0.0
+    fidelity = [] if cfg.fidelity_every and cfg.decoupled else None
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         sums = metrics.empty()
+        first = len(fidelity) if fidelity is not None else 0
         for i in range(bpe):
             x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
-            train_step(models, cfg, epoch * bpe + i, x, y, sums)
+            train_step(models, cfg, epoch * bpe + i, x, y, sums, fidelity)
         dt = time.perf_counter() - t0
         train_seconds += dt
         test = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
             test = metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")
         row = report.history_row(epoch, sums, test, train_seconds, bpe * bs / dt if dt else 0.0)
+        if fidelity is not None and len(fidelity) > first:   # per stage, this epoch's means
+            for key in ("cos", "rel", "target_cos"):
+                row[f"fidelity_{key}"] = np.mean([r[key] for r in fidelity[first:]],
+                                                 axis=0).tolist()
         history.append(row)
         if log and report.diverged(row) and (len(history) < 2 or not report.diverged(history[-2])):
             log(f"epoch {epoch + 1}: {report.DIVERGED}")
@@ -119,6 +153,7 @@ def train(cfg: Config, log=print) -> dict:
         "samples_per_s": cfg.epochs * bpe * bs / train_seconds if train_seconds else 0.0,
         "weights_sha256": [m.weights_sha256() for m in models],
         "generators": _generator_counters(models),
+        "fidelity": fidelity,
         "machine": report.machine(),
     }
 

@@ -84,6 +84,11 @@ class StageModel:
             self.pending.popitem(last=False)
             self.counters["targets_dropped"] += 1
 
+    def synthetic_gradient(self, step: int):
+        """The generator's guess of dL/dh for a step still waiting for its target, or None."""
+        entry = self.pending.get(step)
+        return None if entry is None else entry[1]
+
     def apply_target(self, step: int, target) -> bool:
         """Train the generator on the gradient that arrived for `step`; False if it came too late."""
         entry = self.pending.pop(step, None)
@@ -132,6 +137,14 @@ class StageModel:
 
     def weights_sha256(self) -> str:
         return weights_sha256(self.layer)
+
+
+def fidelity(g_hat, g_true) -> tuple:
+    """(cosine similarity, relative error ||g_hat - g_true|| / ||g_true||), arrays taken whole."""
+    n_hat, n_true = float(np.linalg.norm(g_hat)), float(np.linalg.norm(g_true))
+    cos = float(np.sum(g_hat * g_true)) / (n_hat * n_true) if n_hat and n_true else 0.0
+    rel = float(np.linalg.norm(g_hat - g_true)) / n_true if n_true else float("nan")
+    return cos, rel
 
 
 def weights_sha256(layer: nn.Dense) -> str:
