@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from dni_async import metrics, network
+from dni_async import seed_post
 from dni_async.config import MODES, ConfigError, make_config
 
 try:  # Python 3.11+
@@ -454,92 +454,28 @@ def sweep_markdown(spec: dict, rows: list) -> str:
 
 # -- gradient fidelity -----------------------------------------------------------------------
 
-def cosine(a, b) -> float:
-    """Cosine of the angle between two arrays taken whole (0 when either is zero)."""
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.sum(a * b)) / (na * nb)
-
-
-def relative_error(a, b) -> float:
-    """||a - b|| / ||b||: 1 for a zero guess, 0 for a perfect one."""
-    nb = float(np.linalg.norm(b))
-    return float(np.linalg.norm(a - b)) / nb if nb else float("nan")
-
-
 def train_with_fidelity(cfg, every: int = 1, log=None) -> dict:
-    """The reference trainer's dni/cdni loop, plus a true backward pass every `every` steps.
+    """The reference trainer with its gradient-fidelity measurement on (`fidelity_every`).
 
-    It runs exactly the steps `reference.train_step` runs, in the same order (so it ends with
-    the same weights), and beside them, for the batches it measures: the forward-pass weights
-    of every stage are kept, the true dL/dh_k is carried back from the loss through them, and
-    each stage's synthetic gradient g_hat_k = M_k(context) is compared with it. It also
-    compares the bootstrapped target the generator is trained on (delta_hat_{k+1} @ W_{k+1}.T,
-    the next stage's synthetic gradient sent back) with the true gradient.
+    Training is exactly `reference.train`'s (the same weights, bit for bit); beside it, every
+    `every` steps each stage's synthetic gradient, and the bootstrapped target its generator
+    learns from, are compared with the true dL/dh carried back from the loss.
     """
+    from dni_async import reference
     if not cfg.decoupled:
         raise ConfigError("gradient fidelity compares synthetic gradients: mode dni or cdni")
-    ds, rng = network.load_data_and_rng(cfg)
-    network.resolve_dims(cfg, ds)
-    models = network.build(cfg, rng)
-    n = len(models)
-    bpe, bs = cfg.batches_per_epoch(), cfg.batch_size
-    task = "bits" if cfg.dataset == "binary-addition" else "classes"
-    rows = []   # one per measured step: step, epoch fraction, per stage cos / rel / target cos
-    epochs = []
-    for epoch in range(cfg.epochs):
-        sums = metrics.empty()
-        for i in range(bpe):
-            step = epoch * bpe + i
-            x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
-            measure = step % every == 0
-            hs = [x]
-            targets, g_hat, w_fwd = [None] * n, [None] * n, [None] * n
-            for k in range(n - 1):
-                hs.append(models[k].forward(hs[k]))
-                if measure:
-                    w_fwd[k] = models[k].layer.W.copy()
-                targets[k] = models[k].synthetic_update(step, hs[k], hs[k + 1], y,
-                                                        need_grad_input=k > 0)
-                if measure:
-                    g_hat[k] = models[k].pending[step][1]
-            hs.append(models[-1].forward(hs[-1]))
-            g, delta = models[-1].backward_from_loss(hs[n - 1], hs[n], y, need_grad_input=True)
-            metrics.add(sums, metrics.batch_sums(task, cfg.loss, hs[n], y, delta))
-            targets[n - 1] = g
-            if measure:
-                true = g                      # dL/dh_{n-2}: the output of stage n-2
-                row = {"step": step, "epoch": step / bpe, "cos": [None] * (n - 1),
-                       "rel": [None] * (n - 1), "target_cos": [None] * (n - 1)}
-                for k in range(n - 2, -1, -1):
-                    row["cos"][k] = cosine(g_hat[k], true)
-                    row["rel"][k] = relative_error(g_hat[k], true)
-                    row["target_cos"][k] = cosine(targets[k + 1], true)
-                    if k > 0:   # carry the true gradient through stage k's forward weights
-                        true = models[k].layer.delta(hs[k + 1], true).dot(w_fwd[k].T)
-                rows.append(row)
-            for k in range(n - 1):
-                models[k].apply_target(step, targets[k + 1])
-        test = evaluate(models, cfg, task, ds.x_test, ds.y_test)
-        train = metrics.summarize(sums, "train")
-        epochs.append({"epoch": epoch, "train_acc": train["train_bit_acc"],
-                       "test_acc": test, "loss": train["train_loss"]})
-        if log:
-            last = [r for r in rows if int(r["epoch"]) == epoch]
-            cos = np.mean([r["cos"] for r in last], axis=0) if last else []
-            log(f"{cfg.mode} epoch {epoch + 1}/{cfg.epochs}: train acc {train['train_bit_acc']:.4f} "
-                f"held-out {test:.4f}  cos(synthetic, true) per stage "
-                + " ".join(f"{c:+.3f}" for c in cos), flush=True)
-    return {"config": cfg.to_dict(), "rows": rows, "epochs": epochs,
-            "weights_sha256": [m.weights_sha256() for m in models]}
-
-
-def evaluate(models, cfg, task: str, x, y) -> float:
-    h = x
-    for m in models:
-        h = m.forward(h)
-    return metrics.summarize(metrics.batch_sums(task, cfg.loss, h, y), "t")["t_bit_acc"]
+    cfg.fidelity_every = every
+    s = reference.train(cfg, log=None)
+    bpe = cfg.batches_per_epoch()
+    epochs = [{"epoch": h["epoch"], "train_acc": h["train_bit_acc"], "test_acc": h["test_bit_acc"],
+               "loss": h["loss"]} for h in s["history"]]
+    if log:
+        for h in s["history"]:
+            log(f"{cfg.mode} epoch {h['epoch'] + 1}/{cfg.epochs}: train acc "
+                f"{h['train_bit_acc']:.4f} held-out {h['test_bit_acc']:.4f}  cos(synthetic, true) "
+                "per stage " + " ".join(f"{c:+.3f}" for c in h.get("fidelity_cos", [])), flush=True)
+    return {"config": s["config"], "rows": [{**r, "epoch": r["step"] / bpe} for r in s["fidelity"]],
+            "epochs": epochs, "weights_sha256": s["weights_sha256"]}
 
 
 def fidelity_by_epoch(result: dict) -> dict:
@@ -616,116 +552,6 @@ def fidelity_markdown(results: list) -> str:
     return "\n".join(lines)
 
 
-# -- the seed post's DNI script --------------------------------------------------------------
-
-def seed_post_dni(iterations: int = 1000, every: int = 100, log=print, stop_early: bool = True):
-    """The 2017 post's synthetic-gradient script as it ran, with a real accuracy printed beside
-    its figure.
-
-    As the post ran it (DESIGN.md, section 3): 12-bit binary addition, 1000 examples in one
-    batch of 1000, layers 24 -> 64 -> 32 -> 12 of sigmoids without biases, every layer - the
-    last one too - updated from its own linear synthetic gradient generator (weights
-    randn * 0.2 - 0.1, like the layers), learning rate 0.0001, and every update *added*
-    (`+=`), the layers' and the generators' alike: gradient ascent as written. The printed
-    figure is sum |(out - y) * out * (1 - out)|, and the loop stops once it is below 0.1.
-    Numpy's global generator is seeded with 1; the data is drawn first, then each layer's
-    weights followed by its generator's.
-
-    Returns the rows printed: (epoch, figure, bit accuracy, exact accuracy, saturated share).
-    """
-    state = np.random.get_state()
-    try:
-        with np.errstate(over="ignore"):   # saturating sigmoids overflow exp(); harmless here
-            return _seed_post_dni(iterations, every, log, stop_early)
-    finally:
-        np.random.set_state(state)
-
-
-def _seed_post_dni(iterations, every, log, stop_early):
-    def sigmoid(x):
-        return 1 / (1 + np.exp(-x))
-
-    def sigmoid_out2deriv(out):
-        return out * (1 - out)
-
-    def generate_dataset(output_dim=8, num_examples=1000):
-        def int2vec(x, dim=output_dim):
-            out = np.zeros(dim)
-            binrep = np.array(list(np.binary_repr(x))).astype("int")
-            out[-len(binrep):] = binrep
-            return out
-        x_left_int = (np.random.rand(num_examples) * 2 ** (output_dim - 1)).astype("int")
-        x_right_int = (np.random.rand(num_examples) * 2 ** (output_dim - 1)).astype("int")
-        y_int = x_left_int + x_right_int
-        x = [np.concatenate((int2vec(x_left_int[i]), int2vec(x_right_int[i])))
-             for i in range(len(x_left_int))]
-        y = [int2vec(y_int[i]) for i in range(len(y_int))]
-        return np.array(x), np.array(y)
-
-    class DNI(object):
-        def __init__(self, input_dim, output_dim, nonlin, nonlin_deriv, alpha=0.1):
-            self.weights = (np.random.randn(input_dim, output_dim) * 0.2) - 0.1
-            self.nonlin = nonlin
-            self.nonlin_deriv = nonlin_deriv
-            self.weights_synthetic_grads = (np.random.randn(output_dim, output_dim) * 0.2) - 0.1
-            self.alpha = alpha
-
-        def forward_and_synthetic_update(self, input):
-            self.input = input
-            self.output = self.nonlin(self.input.dot(self.weights))
-            self.synthetic_gradient = self.output.dot(self.weights_synthetic_grads)
-            self.weight_synthetic_gradient = self.synthetic_gradient * self.nonlin_deriv(self.output)
-            self.weights += self.input.T.dot(self.weight_synthetic_gradient) * self.alpha
-            return self.weight_synthetic_gradient.dot(self.weights.T), self.output
-
-        def update_synthetic_weights(self, true_gradient):
-            self.synthetic_gradient_delta = self.synthetic_gradient - true_gradient
-            self.weights_synthetic_grads += self.output.T.dot(self.synthetic_gradient_delta) * self.alpha
-
-    np.random.seed(1)
-    num_examples, output_dim = 1000, 12
-    x, y = generate_dataset(num_examples=num_examples, output_dim=output_dim)
-    batch_size, alpha = 1000, 0.0001
-    input_dim, layer_1_dim, layer_2_dim, output_dim = len(x[0]), 64, 32, len(y[0])
-    layer_1 = DNI(input_dim, layer_1_dim, sigmoid, sigmoid_out2deriv, alpha)
-    layer_2 = DNI(layer_1_dim, layer_2_dim, sigmoid, sigmoid_out2deriv, alpha)
-    layer_3 = DNI(layer_2_dim, output_dim, sigmoid, sigmoid_out2deriv, alpha)
-
-    def accuracy():
-        out = layer_3.nonlin(layer_2.nonlin(layer_1.nonlin(x.dot(layer_1.weights))
-                                            .dot(layer_2.weights)).dot(layer_3.weights))
-        right = (out > 0.5) == (y > 0.5)
-        saturated = float(np.mean((out < 0.01) | (out > 0.99)))
-        return float(right.mean()), float(right.all(axis=1).mean()), saturated
-
-    rows = []
-    if log:
-        log("epoch  the post's figure  bit accuracy  exact accuracy  outputs saturated")
-    for it in range(iterations):
-        error = 0
-        for batch_i in range(int(len(x) / batch_size)):
-            batch_x = x[(batch_i * batch_size):(batch_i + 1) * batch_size]
-            batch_y = y[(batch_i * batch_size):(batch_i + 1) * batch_size]
-            _, layer_1_out = layer_1.forward_and_synthetic_update(batch_x)
-            layer_1_delta, layer_2_out = layer_2.forward_and_synthetic_update(layer_1_out)
-            layer_2_delta, layer_3_out = layer_3.forward_and_synthetic_update(layer_2_out)
-            layer_3_delta = layer_3_out - batch_y
-            layer_3.update_synthetic_weights(layer_3_delta)
-            layer_2.update_synthetic_weights(layer_2_delta)
-            layer_1.update_synthetic_weights(layer_1_delta)
-            error += np.sum(np.abs(layer_3_delta * layer_3_out * (1 - layer_3_out)))
-        done = stop_early and error < 0.1
-        if it % every == every - 1 or it == 0 or done or it == iterations - 1:
-            bit, exact, sat = accuracy()
-            rows.append((it + 1, float(error), bit, exact, sat))
-            if log:
-                log(f"{it + 1:>5}  {error:>17.6g}  {bit:>12.4f}  {exact:>14.4f}  {sat:>17.1%}"
-                    + ("   (figure < 0.1: the post's loop stops here)" if done else ""))
-        if done:
-            break
-    return rows
-
-
 # -- the command -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -769,7 +595,7 @@ def _main(args) -> int:
     if args.what == "seed-post-dni":
         if args.epochs is not None and args.epochs < 1 or args.every < 1:
             raise ConfigError("--epochs and --every must be positive")
-        seed_post_dni(args.epochs or 1000, every=args.every, log=print,
+        seed_post.seed_post_dni(args.epochs or 1000, every=args.every, log=print,
                       stop_early=not args.no_stop)
         return 0
     spec = load_spec(args.what)
