@@ -16,7 +16,8 @@ import numpy as np
 # --- activations: forward from the pre-activation, derivative from the output -------------
 
 def sigmoid(a):
-    return 1 / (1 + np.exp(-a))
+    with np.errstate(over="ignore"):   # exp(-a) -> inf gives the right limit, 0
+        return 1 / (1 + np.exp(-a))
 
 
 def sigmoid_deriv(h):

@@ -225,7 +225,8 @@ class Stage:
         stats = {
             "rank": self.rank, "pid": os.getpid(), "batches": self.batches,
             "weights_sha256": self.model.weights_sha256(),
-            "times": self.clock.totals, "wall": wall, "busy": self.clock.busy(),
+            "times": self.clock.totals, "cpu_times": self.clock.cpu,
+            "wall": wall, "busy": self.clock.busy(),
             "bad_messages": self.bad_messages, "counters": self.model.counters,
             "generator_sq_error": self.model.generator_sq_error,
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),

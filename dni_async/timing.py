@@ -15,6 +15,7 @@ CATEGORIES = ("forward", "update", "generator", "send", "wait", "eval")
 class Clock:
     def __init__(self, record_spans: bool = False, max_spans: int = 200_000):
         self.totals = {c: 0.0 for c in CATEGORIES}
+        self.cpu = {c: 0.0 for c in CATEGORIES}   # thread CPU seconds: what ran, not what waited for a core
         self.record = record_spans
         self.max_spans = max_spans
         self.spans: list = []          # (name, start_us_epoch, duration_us, step)
@@ -24,10 +25,12 @@ class Clock:
     @contextmanager
     def span(self, name: str, step: int = -1):
         t0 = time.perf_counter_ns()
+        c0 = time.thread_time_ns()
         try:
             yield
         finally:
             dt = time.perf_counter_ns() - t0
+            self.cpu[name] = self.cpu.get(name, 0.0) + (time.thread_time_ns() - c0) / 1e9
             self.totals[name] = self.totals.get(name, 0.0) + dt / 1e9
             if self.record and len(self.spans) < self.max_spans:
                 self.spans.append((name, (t0 + self._offset_ns) / 1e3, dt / 1e3, step))
