@@ -19,7 +19,8 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run settings (override the preset and --config)")
     g.add_argument("--config", metavar="FILE", help="TOML file of settings")
     g.add_argument("--preset", help="named settings: seed (default), tiny, mixed")
-    g.add_argument("--mode", help="backprop | gpipe | dni | cdni")
+    g.add_argument("--mode", help="backprop | gpipe | dni | cdni (train and plan: cdni by "
+                                  "default; reference: backprop, the post's run)")
     g.add_argument("--dataset", help="binary-addition | mnist1d | digits | PATH.npz")
     g.add_argument("--bits", type=int)
     g.add_argument("--n-train", type=int)
@@ -68,7 +69,8 @@ CONFIG_FLAGS = ("preset", "mode", "dataset", "bits", "n_train", "n_test", "hidde
                 "transport", "host", "max_in_flight", "checkpoint_every")
 
 
-def config_from_args(args) :
+def config_from_args(args, default_mode: str | None = None):
+    """Settings from --config, then --set, then flags; `default_mode` when none names a mode."""
     values = load_toml(args.config) if getattr(args, "config", None) else {}
     for item in args.set:
         if "=" not in item:
@@ -79,6 +81,8 @@ def config_from_args(args) :
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
+    if default_mode and "mode" not in values:
+        values["mode"] = default_mode
     return make_config(values)
 
 
@@ -102,7 +106,7 @@ def _cmd_train(args) -> int:
     from dni_async import launch
     if getattr(args, "resume", None):
         return launch.resume(args.resume, json_path=args.json, quiet=args.quiet)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, default_mode="cdni")   # the pipeline's point: decoupling
     return launch.train(cfg, run_dir=args.run_dir, json_path=args.json, quiet=args.quiet)
 
 
@@ -129,7 +133,7 @@ def _cmd_keys(args) -> int:
 
 def _cmd_plan(args) -> int:
     from dni_async import launch
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, default_mode="cdni")
     if not args.run_dir:
         raise ConfigError("plan needs --run-dir: the folder every process reads config.json from")
     spec, _ = launch.prepare(cfg, args.run_dir)
@@ -207,9 +211,6 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    if (args.command == "train" and not args.set and not args.resume
-            and all(getattr(args, n) is None for n in ("mode", "preset", "config"))):
-        args.mode = "cdni"   # the default demo trains with synthetic gradients
     try:
         return args.func(args)
     except ConfigError as exc:
