@@ -202,6 +202,10 @@ def mode_config(values: dict, mode: str, **extra) -> Config:
 
 def _check_writable(path: str, what: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        pass
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ConfigError(f"{what} {path}: folder {folder} is missing or not writable")
 
@@ -486,8 +490,8 @@ def generator_info(cfg: Config) -> dict:
     kind = f"generator with a {hid}-unit relu bottleneck" if hid else "linear generator"
     text = (f"{kind} on {seen} (context '{ctx}'; "
             + ", ".join("->".join(map(str, sh)) for sh in shapes)
-            + "; one pass = " + ", ".join(f"{x:.0%}" for x in shares)
-            + " of the stage's forward matmul)")
+            + "; one generator pass costs " + ", ".join(f"{x:.0%}" for x in shares)
+            + " of its stage's forward matmul, stage by stage)")
     return {"context": ctx, "hidden": hid, "kind": kind, "shapes": shapes,
             "pass_share_of_layer_matmul": shares, "text": text}
 
@@ -825,7 +829,8 @@ def targets(res: dict | None, wire_rows: list | None) -> list:
 
 
 def targets_text(ts: list) -> str:
-    lines = ["targets of issue 4, set for launch/wide.toml (measured in this run):"]
+    lines = ["the project's targets for launch/wide.toml (meaningful for that config only), "
+             "measured in this run:"]
     for t in ts:
         op = ">=" if t["higher_is_better"] else "<="
         state = "met" if t["met"] else "MISSED"
@@ -1003,14 +1008,14 @@ def _main(args, argv: list) -> int:
         print(wirebench.HEADER)
         for r in wire_rows:
             print(wirebench.format_row(r))
-    if out["targets"]:
+    if out["targets"] and (os.path.basename(args.config or "") == "wide.toml" or args.wire):
         print()
         print(targets_text(out["targets"]))
     other = out["other_work_share"]
     print(f"\nbench took {out['seconds']:.0f} s; load average before {out['loadavg_before'][0]:.2f}, "
           f"after {out['loadavg_after'][0]:.2f} (1 min)"
-          + ("" if other is None else f"; other work on this machine used {other:.0%} of its "
-             f"{cores} cores meanwhile"))
+          + ("" if other is None else f"; processes other than this bench's used {other:.0%} "
+             f"of the {cores} cores meanwhile"))
     if plots:
         from dni_async import plots as plots_mod
         if args.json:

@@ -1,4 +1,4 @@
-"""The `dni-async` command: reference, train, stage, coordinator.
+"""The `dni-async` command: train, reference, bench, experiment, plan, keys, stage, coordinator.
 
 Bad settings end here with one line on stderr and exit status 2, before any process starts.
 """
@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from dni_async.config import ConfigError, load_toml, make_config
+from dni_async.config import PRESETS, ConfigError, load_toml, make_config
 
 EXIT_BAD_INPUT = 2
 
@@ -18,7 +18,7 @@ EXIT_BAD_INPUT = 2
 def _config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run settings (override the preset and --config)")
     g.add_argument("--config", metavar="FILE", help="TOML file of settings")
-    g.add_argument("--preset", help="named settings: seed (default), tiny, mixed")
+    g.add_argument("--preset", help="named settings: " + ", ".join(PRESETS) + " (default seed)")
     g.add_argument("--mode", help="backprop | gpipe | dni | cdni (train and plan: cdni by "
                                   "default; reference: backprop, the post's run)")
     g.add_argument("--dataset", help="binary-addition | mnist1d | digits | PATH.npz")
@@ -43,9 +43,6 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", help="float64 | float32")
     g.add_argument("--eval-every", type=int, help="epochs between held-out evaluations")
-    g.add_argument("--fidelity-every", type=int, metavar="N",
-                   help="reference dni/cdni: every N batches compare synthetic and true "
-                        "gradients (costs a backward pass; 0: off)")
     g.add_argument("--log-every", type=int, help="epochs between progress lines (0: ~20 lines)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting, e.g. --set max_pending=32")
@@ -56,7 +53,7 @@ def _pipeline_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", help="ipc (default) | tcp")
     g.add_argument("--host", help="address to bind for tcp (default 127.0.0.1)")
     g.add_argument("--max-in-flight", type=int, help="batches between sending and loss back")
-    g.add_argument("--run-dir", help="folder for this run's files (default runs/<time>-<mode>)")
+    g.add_argument("--run-dir", help="folder for this run's files (default runs/<time>-<mode>-<pid>)")
     g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS",
                    help="snapshot every stage and the coordinator every N epochs")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest good checkpoint")
@@ -147,6 +144,10 @@ def _cmd_plan(args) -> int:
 
 def _check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        pass
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ConfigError(f"cannot write {path}: folder {folder} is missing or not writable")
 
@@ -158,14 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reference", help="train in one process (the oracle)")
     _config_flags(r)
     r.add_argument("--json", metavar="PATH", help="write the run summary here")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--fidelity-every", type=int, metavar="N",
+                   help="dni/cdni: every N batches compare synthetic and true gradients "
+                        "(costs a backward pass; 0: off)")
+    r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=_cmd_reference)
 
     t = sub.add_parser("train", help="train with one OS process per layer (default: the demo)")
     _config_flags(t)
     _pipeline_flags(t)
     t.add_argument("--json", metavar="PATH", help="also write the run summary here")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress lines and no summary")
     t.set_defaults(func=_cmd_train)
 
     pl = sub.add_parser("plan", help="write a run's config.json (endpoints included) for "

@@ -26,7 +26,7 @@ import zmq
 
 from dni_async import checkpoint, metrics, network, report, wire
 from dni_async.config import ConfigError
-from dni_async.runspec import EVAL_CHUNK, RunSpec
+from dni_async.runspec import EVAL_CHUNK, RunSpec, release_ipc
 from dni_async.security import Curve
 from dni_async.timing import Clock
 
@@ -93,6 +93,7 @@ class Coordinator:
         if self.curve:
             self.curve.stop()
         wire.close_all(self.ctx, self.sockets)
+        release_ipc([self.spec.endpoints["control"], self.spec.endpoints["results"]])
 
     # -- control plane --------------------------------------------------------------------
 
@@ -408,7 +409,10 @@ def main(spec_path: str) -> int:
             trace.write_spans(spec.run_dir, "coordinator", os.getpid(), coord.clock.spans)
         return 0
     except StageLost as exc:
-        print(f"dni-async: {exc}", file=sys.stderr)
+        if coord.interrupted:   # told to stop (a stage failed, or Ctrl-C): this is the aftermath
+            print(f"dni-async: coordinator: could not stop in order: {exc}", file=sys.stderr)
+        else:
+            print(f"dni-async: {exc}", file=sys.stderr)
         report.write_json(os.path.join(spec.run_dir, "failure.json"),
                           {"error": str(exc), "last_completed_step": coord.completed_steps - 1})
         _try_stop(coord)

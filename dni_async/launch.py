@@ -180,6 +180,10 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
           quiet: bool = False, trace: bool = False, resume_from: str | None = None) -> int:
     if json_path:
         folder = os.path.dirname(os.path.abspath(json_path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:
+            pass
         if not os.access(folder, os.W_OK):
             raise ConfigError(f"cannot write {json_path}: folder {folder} is not writable")
     spec, ipc_dir = prepare(cfg, run_dir, trace, resume_from)
@@ -223,6 +227,9 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         step = failure.get("last_completed_step", stopped.get("last_completed_step"))
         if step is not None:
             detail += f" (last completed step {step})"
+        report.write_json(os.path.join(spec.run_dir, "failure.json"),
+                          {"error": detail, "failed": who, "last_completed_step": step,
+                           "coordinator_saw": failure.get("error")})
     else:
         detail = failure.get("error") or f"{who} {_describe_exit(status)}"
     print(f"dni-async train: failed: {detail}", file=sys.stderr)

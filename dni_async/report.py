@@ -82,6 +82,9 @@ def atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)      # mkstemp's 0600 is for secrets; these are results
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -77,6 +77,25 @@ def ipc_files(endpoints: dict) -> list:
     return [p for p in (wire.endpoint_path(e) for e in eps if e) if p]
 
 
+def release_ipc(bound: list) -> None:
+    """A process's last act: remove the ipc files it bound, and their private folder once empty,
+    so that even a run whose supervisor was killed leaves nothing behind in /tmp."""
+    for ep in bound:
+        path = wire.endpoint_path(ep) if ep else None
+        if not path:
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        folder = os.path.dirname(path)
+        if os.path.basename(folder).startswith("dni-"):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass   # not empty yet: the last process to leave removes it
+
+
 def remove_ipc_files(endpoints: dict) -> None:
     for p in ipc_files(endpoints):
         try:

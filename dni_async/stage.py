@@ -27,7 +27,7 @@ import zmq
 
 from dni_async import checkpoint, metrics, network, nn, wire
 from dni_async.config import ConfigError
-from dni_async.runspec import EVAL_CHUNK, RunSpec
+from dni_async.runspec import EVAL_CHUNK, RunSpec, release_ipc
 from dni_async.security import Curve
 from dni_async.timing import Clock
 
@@ -123,6 +123,8 @@ class Stage:
         if self.curve:
             self.curve.stop()
         wire.close_all(self.ctx, self.sockets)
+        ep = self.spec.endpoints
+        release_ipc([ep["fwd_in"][self.rank], ep["grad_in"][self.rank]])
 
     def _send(self, sock, kind, step=-1, arrays=(), meta=None) -> None:
         with self.clock.span("send", step):

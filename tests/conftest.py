@@ -56,3 +56,18 @@ def no_leftovers(tmp_path):
         except OSError:
             pass
     assert not left, f"processes left behind: {left}"
+    remove_ipc_folder(tmp_path)
+
+
+def remove_ipc_folder(run_dir) -> None:
+    """Tests that SIGKILL every process leave the run's ipc folder: nobody was left to remove
+    it. Graceful runs remove it themselves (test_pipeline checks that)."""
+    import json
+    import shutil
+    try:
+        spec = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    for ep in spec.get("endpoints", {}).get("fwd_in", []):
+        if ep.startswith("ipc://"):
+            shutil.rmtree(os.path.dirname(ep[len("ipc://"):]), ignore_errors=True)

@@ -52,7 +52,7 @@ def test_time_to_target_uses_training_seconds():
     (["--config", TINY, "--target", "accuracy"], "METRIC=VALUE"),
     (["--config", TINY, "--sweep", "depth=1,2"], "--sweep"),
     (["--config", TINY, "--set", "batch_size=7", "--modes", "gpipe"], "micro-batches"),
-    (["--config", TINY, "--json", "/nonexistent/dir/out.json"], "not writable"),
+    (["--config", TINY, "--json", "/dev/null/sub/out.json"], "not writable"),
 ])
 def test_bad_input_is_one_line_and_status_2(argv, words, capsys, tmp_path):
     assert bench.main([*argv, "--run-dir", str(tmp_path / "runs")]) == 2

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from conftest import ROOT, cli, procs_mentioning
+from conftest import ROOT, cli, procs_mentioning, remove_ipc_folder
 from dni_async import checkpoint, reference
 from dni_async.config import make_config
 
@@ -67,6 +67,7 @@ def test_killed_run_resumes_from_its_last_periodic_checkpoint(no_leftovers):
     for pid in procs_mentioning(str(no_leftovers)):
         os.kill(pid, signal.SIGKILL)               # no chance to save anything more
     proc.communicate(timeout=10)
+    remove_ipc_folder(no_leftovers)                # nobody was left to do it
     got, _ = resume(no_leftovers)
     same_run(got, uninterrupted())
 
@@ -76,6 +77,7 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_used(no_leftovers):
     good = wait_for_checkpoints(no_leftovers, 2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=10)
+    remove_ipc_folder(no_leftovers)
     newest = checkpoint.candidates(str(no_leftovers))[0]
     victim = os.path.join(newest, "stage-1.npz")
     data = bytearray(open(victim, "rb").read())
