@@ -200,16 +200,6 @@ def mode_config(values: dict, mode: str, **extra) -> Config:
         raise ConfigError(f"mode {mode}: {exc}") from None
 
 
-def _check_writable(path: str, what: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        pass
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ConfigError(f"{what} {path}: folder {folder} is missing or not writable")
-
-
 # -- one run -----------------------------------------------------------------------------------
 
 def steady_rate(history: list, warmup: int, samples_per_epoch: int) -> float:
@@ -908,7 +898,7 @@ def _main(args, argv: list) -> int:
         raise ConfigError("need --repeats >= 1, --warmup >= 0 and --sweep-epochs >= 1")
     for path, what in ((args.json, "cannot write --json"), (args.trace, "cannot write --trace")):
         if path:
-            _check_writable(path, what)
+            report.ensure_writable(path, what)
     values = base_values(args) if not wire_only else {}
     if not wire_only:   # every config is checked before any process starts
         for m in set(modes) | set(sweep_modes):

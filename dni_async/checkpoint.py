@@ -25,6 +25,7 @@ import numpy as np
 from dni_async.report import atomic_write
 
 MANIFEST = "manifest.json"
+REFUSED = ".refused"     # a checkpoint that failed verification, set aside for inspection
 
 
 class CheckpointError(RuntimeError):
@@ -74,6 +75,8 @@ def verify(ckpt_dir: str) -> dict:
         raise CheckpointError(f"{ckpt_dir} is unfinished (no manifest)") from None
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"{ckpt_dir}: manifest is damaged") from None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CheckpointError(f"{ckpt_dir}: manifest is damaged")
     for name, digest in files.items():
         p = os.path.join(ckpt_dir, name)
         if not os.path.exists(p):
@@ -87,8 +90,8 @@ def candidates(run_dir: str) -> list:
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    return sorted((os.path.join(root, d) for d in os.listdir(root) if d.startswith("step-")),
-                  reverse=True)
+    return sorted((os.path.join(root, d) for d in os.listdir(root)
+                   if d.startswith("step-") and not d.endswith(REFUSED)), reverse=True)
 
 
 def latest_good(run_dir: str, log=print) -> str:
@@ -100,11 +103,23 @@ def latest_good(run_dir: str, log=print) -> str:
         except CheckpointError as exc:
             if log:
                 log(f"dni-async: refusing checkpoint: {exc}; trying the previous one")
+            try:   # set aside, so that pruning never keeps it in place of a good one
+                os.replace(ckpt, ckpt + REFUSED)
+            except OSError:
+                pass
     raise CheckpointError(f"no usable checkpoint in {run_dir}")
 
 
-def prune(run_dir: str, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (and any newer unfinished one)."""
-    good = [c for c in candidates(run_dir) if os.path.exists(os.path.join(c, MANIFEST))]
-    for old in good[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+def prune(run_dir: str, keep: int, just_written: str) -> None:
+    """Keep the newest `keep` checkpoints that verify, always including the one just written."""
+    good = []
+    for c in candidates(run_dir):
+        try:
+            verify(c)
+            good.append(c)
+        except CheckpointError:
+            pass
+    keepers = set(good[:keep]) | {just_written}
+    for old in good:
+        if old not in keepers:
+            shutil.rmtree(old, ignore_errors=True)

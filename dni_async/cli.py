@@ -87,7 +87,7 @@ def _cmd_reference(args) -> int:
     from dni_async import reference, report
     cfg = config_from_args(args)
     if args.json:
-        _check_writable(args.json)
+        report.ensure_writable(args.json)
     summary = reference.train(cfg, log=None if args.quiet else print)
     f = summary["final"]
     print(f"reference {cfg.mode}: train bit acc {f['train_bit_acc']:.4f} "
@@ -102,6 +102,10 @@ def _cmd_reference(args) -> int:
 def _cmd_train(args) -> int:
     from dni_async import launch
     if getattr(args, "resume", None):
+        given = [n for n in (*CONFIG_FLAGS, "config", "run_dir") if getattr(args, n, None) is not None]
+        if given or args.set:
+            raise ConfigError("--resume continues a run with its own settings; drop "
+                              + ", ".join("--" + n.replace("_", "-") for n in given or ["set"]))
         return launch.resume(args.resume, json_path=args.json, quiet=args.quiet)
     cfg = config_from_args(args, default_mode="cdni")   # the pipeline's point: decoupling
     return launch.train(cfg, run_dir=args.run_dir, json_path=args.json, quiet=args.quiet)
@@ -140,16 +144,6 @@ def _cmd_plan(args) -> int:
     for k in range(cfg.n_stages):
         print(f"  dni-async stage {path} --rank {k}")
     return 0
-
-
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        pass
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ConfigError(f"cannot write {path}: folder {folder} is missing or not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:

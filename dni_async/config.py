@@ -66,6 +66,7 @@ class Config:
     checkpoint_every: int = 0           # epochs between checkpoints; 0: only on Ctrl-C / SIGTERM
     keep_checkpoints: int = 2
     curve_keys: str = ""                # folder made by `dni-async keys`: tcp with CURVE
+    allow_insecure: bool = False        # tcp beyond loopback without CURVE (trusted networks)
     # several hosts: name each process's address; ports follow from base_port (see runspec)
     coordinator_host: str = ""
     stage_hosts: list = field(default_factory=list)
@@ -96,6 +97,11 @@ class Config:
         if self.context != "auto":
             return self.context
         return "hy" if self.mode == "cdni" else "h"
+
+    @property
+    def task(self) -> str:
+        """What the outputs are: independent bits (binary addition) or one class per row."""
+        return "bits" if self.dataset == "binary-addition" else "classes"
 
     @property
     def decoupled(self) -> bool:
@@ -210,6 +216,14 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def validate(cfg: Config) -> None:
     from dni_async import nn
 
@@ -233,8 +247,13 @@ def validate(cfg: Config) -> None:
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     need(cfg.generator_hidden >= 0, "generator_hidden must be >= 0")
     need(cfg.lr > 0 and cfg.generator_lr > 0, "lr and generator_lr must be positive")
-    need(cfg.heartbeat_s > 0 and cfg.peer_timeout_s > cfg.heartbeat_s,
-         "need 0 < heartbeat_s < peer_timeout_s")
+    need(0 < cfg.heartbeat_s < cfg.peer_timeout_s <= 3600,
+         "need 0 < heartbeat_s < peer_timeout_s <= 3600 seconds")
+    need(0 < cfg.startup_timeout_s <= 3600, "startup_timeout_s must be in (0, 3600] seconds")
+    need(0 <= cfg.seed < 2 ** 32, f"seed must be in [0, 2**32), got {cfg.seed}")
+    need(cfg.max_pending >= cfg.max_in_flight,
+         f"max_pending ({cfg.max_pending}) must be at least max_in_flight ({cfg.max_in_flight}): "
+         "otherwise generator targets are thrown away before they arrive")
     need(cfg.bits <= 62, "bits must be <= 62")
     need(cfg.batch_size <= cfg.n_train,
          f"batch_size {cfg.batch_size} is larger than the training set ({cfg.n_train})")
@@ -257,6 +276,11 @@ def validate(cfg: Config) -> None:
              f"base_port must leave room for {2 * cfg.n_stages + 10} ports below 65536")
     if cfg.curve_keys:
         need(cfg.transport == "tcp", "curve_keys secures tcp; ipc is local and needs no keys")
+    if cfg.transport == "tcp" and not cfg.curve_keys and not cfg.allow_insecure:
+        hosts = [cfg.host, cfg.coordinator_host, *cfg.stage_hosts]
+        outside = [h for h in hosts if h and not _is_loopback(h)]
+        need(not outside, f"tcp on {', '.join(outside)} reaches beyond this machine: make keys "
+             "with `dni-async keys` and set curve_keys, or set allow_insecure = true")
     if cfg.mode == "gpipe":
         need(cfg.batch_size % cfg.micro_batches == 0,
              f"gpipe: batch_size {cfg.batch_size} must divide into {cfg.micro_batches} micro-batches")

@@ -38,6 +38,10 @@ class StageLost(RuntimeError):
     pass
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived while the coordinator was waiting on an evaluation."""
+
+
 class Coordinator:
     def __init__(self, spec: RunSpec):
         self.spec, self.cfg = spec, spec.config
@@ -54,6 +58,7 @@ class Coordinator:
         self.eval_results = {}
         self.completed_steps = 0
         self.acks = {}
+        self.awaited_evals, self.abandoned_evals = set(), set()
         self.interrupted = False
         self.last_checkpoint = None
         self.checkpoints = []     # seconds each checkpoint took
@@ -141,7 +146,13 @@ class Coordinator:
         if msg is None:
             return
         if msg.kind == "evalres":
-            self.eval_results[msg.step] = msg.meta.get("sums")
+            if msg.step in self.abandoned_evals:       # answered after we stopped waiting
+                self.abandoned_evals.discard(msg.step)
+            elif (msg.step in self.awaited_evals and msg.step not in self.eval_results
+                  and metrics.valid(msg.meta.get("sums"))):
+                self.eval_results[msg.step] = msg.meta["sums"]
+            else:
+                self.bad_messages += 1
             return
         waits = self.open.get(msg.step)
         if msg.kind not in ("loss", "done") or waits is None or msg.kind not in waits:
@@ -149,14 +160,16 @@ class Coordinator:
             return
         if msg.kind == "loss":
             sums = msg.meta.get("sums")
-            if not isinstance(sums, dict) or set(sums) != set(metrics.SUM_KEYS):
+            if not metrics.valid(sums):
                 self.bad_messages += 1
                 return
             metrics.add(self.epoch_sums, sums)
         waits.discard(msg.kind)
         if not waits:
             del self.open[msg.step]
-            self.completed_steps += 1
+            m = self.cfg.micro_batches if self.cfg.mode == "gpipe" else 1
+            if msg.step % m == m - 1:     # gpipe: a batch is done with its last micro-batch
+                self.completed_steps += 1
 
     def pump(self, timeout_s: float) -> None:
         """Handle whatever arrives within `timeout_s`; heartbeats out; liveness checked."""
@@ -181,6 +194,8 @@ class Coordinator:
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         self.next_beat = float("inf")
         while len(self.pids) < self.n:
+            if self.interrupted:
+                raise KeyboardInterrupt    # nothing started yet: nothing to checkpoint
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.n)) - set(self.pids))
                 raise StageLost(f"stage(s) {missing} did not say hello within "
@@ -238,16 +253,26 @@ class Coordinator:
         for j, i in enumerate(range(0, len(x), chunk)):
             step = tag * 1000 + j
             steps.append(step)
+            self.awaited_evals.add(step)
             with self.clock.span("send", step):
-                wire.send(self.feed, self.spec.run_id, "eval", step, [x[i:i + chunk], y[i:i + chunk]])
+                try:
+                    wire.send(self.feed, self.spec.run_id, "eval", step,
+                              [x[i:i + chunk], y[i:i + chunk]])
+                except zmq.Again:
+                    raise StageLost("stage 0 took no evaluation batch for "
+                                    f"{self.cfg.peer_timeout_s:.0f} s") from None
         while not all(s in self.eval_results for s in steps):
+            if self.interrupted:
+                self.awaited_evals.difference_update(steps)
+                self.abandoned_evals.update(s for s in steps if s not in self.eval_results)
+                for s in steps:
+                    self.eval_results.pop(s, None)
+                raise Interrupted
             self.pump(self.cfg.heartbeat_s)
         total = metrics.empty()
         for s in steps:
-            sums = self.eval_results.pop(s)
-            if not isinstance(sums, dict) or set(sums) != set(metrics.SUM_KEYS):
-                raise StageLost("the last stage sent malformed eval results")
-            metrics.add(total, sums)
+            self.awaited_evals.discard(s)
+            metrics.add(total, self.eval_results.pop(s))
         return total
 
     def run(self, log=print) -> dict | None:
@@ -272,7 +297,13 @@ class Coordinator:
             test = None
             if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
                 self.n_eval += 1
-                test = metrics.summarize(self.evaluate(ds.x_test, ds.y_test, self.n_eval), "test")
+                try:
+                    test = metrics.summarize(self.evaluate(ds.x_test, ds.y_test, self.n_eval),
+                                             "test")
+                except Interrupted:   # the epoch's training is done; resuming redoes its eval
+                    self.checkpoint()
+                    self._stop_stages()
+                    return None
             row = report.history_row(epoch, self.epoch_sums, test, self.train_seconds,
                                      samples / dt if dt else 0.0)
             self.history.append(row)
@@ -284,8 +315,14 @@ class Coordinator:
                 log(report.format_row(row, cfg.epochs), flush=True)
             if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
                 self.checkpoint()
-        final = {**metrics.summarize(self.evaluate(ds.x_train, ds.y_train, self.n_eval + 1), "train"),
-                 **metrics.summarize(self.evaluate(ds.x_test, ds.y_test, self.n_eval + 2), "test")}
+        try:
+            final = {
+                **metrics.summarize(self.evaluate(ds.x_train, ds.y_train, self.n_eval + 1), "train"),
+                **metrics.summarize(self.evaluate(ds.x_test, ds.y_test, self.n_eval + 2), "test")}
+        except Interrupted:           # training is over; resuming runs the final evaluation
+            self.checkpoint()
+            self._stop_stages()
+            return None
         self._stop_stages()
         return self._summary(self.history, final, self.train_seconds, time.perf_counter() - wall0)
 
@@ -318,18 +355,23 @@ class Coordinator:
         report.atomic_write(os.path.join(folder, "coordinator.json"), body)
         files["coordinator.json"] = hashlib.sha256(body).hexdigest()
         checkpoint.write_manifest(folder, step, files)
-        checkpoint.prune(self.spec.run_dir, self.cfg.keep_checkpoints)
+        checkpoint.prune(self.spec.run_dir, self.cfg.keep_checkpoints, folder)
         self.last_checkpoint = folder
         self.checkpoints.append(time.perf_counter() - t0)
         return folder
 
     def _restore(self, folder: str) -> None:
-        with open(os.path.join(folder, "coordinator.json")) as fh:
-            state = json.load(fh)
-        self.epoch, self.next_batch = state["epoch"], state["next_batch"]
-        self.n_eval, self.train_seconds = state["n_eval"], state["train_seconds"]
-        self.history, self.epoch_sums = state["history"], state["epoch_sums"]
-        self.completed_steps = state["completed_steps"]
+        try:
+            with open(os.path.join(folder, "coordinator.json")) as fh:
+                state = json.load(fh)
+            self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+            self.n_eval, self.train_seconds = int(state["n_eval"]), float(state["train_seconds"])
+            self.history, self.epoch_sums = list(state["history"]), state["epoch_sums"]
+            self.completed_steps = int(state["completed_steps"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"cannot resume from {folder}: {exc}") from None
+        if not metrics.valid(self.epoch_sums):
+            raise ConfigError(f"cannot resume from {folder}: damaged metric sums")
 
     def _stop_stages(self) -> None:
         self._broadcast("stop")
@@ -383,6 +425,9 @@ def main(spec_path: str) -> int:
     spec = RunSpec.load(spec_path)
     try:
         coord = Coordinator(spec)
+    except ConfigError as exc:
+        print(f"dni-async: {exc}", file=sys.stderr)
+        return 2
     except zmq.ZMQError as exc:
         print(f"dni-async: coordinator cannot open its sockets: {exc}", file=sys.stderr)
         return 1

@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from dni_async import seed_post
+from dni_async import report, seed_post
 from dni_async.config import MODES, ConfigError, make_config
 
 try:  # Python 3.11+
@@ -618,7 +618,7 @@ def _main(args) -> int:
     if spec["kind"] == "table":
         out = args.out or spec.get("output")
         if out:
-            _check_writable(out)
+            report.ensure_writable(out)
         if args.render:
             res = _load_results(args.render)
         else:
@@ -665,12 +665,6 @@ def _load_results(path: str) -> dict:
 
 def _plain(spec: dict) -> dict:
     return json.loads(json.dumps(spec, default=str))
-
-
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ConfigError(f"cannot write {path}: folder {folder} is missing or not writable")
 
 
 if __name__ == "__main__":

@@ -98,12 +98,16 @@ class Supervisor:
         env = child_env(1)
         py = [sys.executable, "-m", "dni_async"]
         out = subprocess.DEVNULL if self.quiet else None
+        # Children get sessions of their own, so a terminal's Ctrl-C reaches only `train`, which
+        # asks the coordinator for an orderly stop instead of every process stopping at once.
         for k in range(self.spec.config.n_stages):
             self.procs[f"stage {k}"] = subprocess.Popen(
-                [*py, "stage", path, "--rank", str(k)], env=env, preexec_fn=_die_with_parent)
+                [*py, "stage", path, "--rank", str(k)], env=env, preexec_fn=_die_with_parent,
+                start_new_session=True)
         self.procs = {"coordinator": None, **self.procs}
         self.procs["coordinator"] = subprocess.Popen(
-            [*py, "coordinator", path], env=env, stdout=out, preexec_fn=_die_with_parent)
+            [*py, "coordinator", path], env=env, stdout=out, preexec_fn=_die_with_parent,
+            start_new_session=True)
 
     def watch(self) -> tuple[int, str | None]:
         """Wait for the coordinator; if any process fails first, return (status, who)."""
@@ -209,8 +213,12 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
     if status == EXIT_INTERRUPTED:
         stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
         where = stopped.get("checkpoint")
-        print(f"dni-async train: interrupted" + (f"; checkpoint {where}" if where else "") +
-              f"\nresume with: dni-async train --resume {spec.run_dir}", file=sys.stderr)
+        if where:
+            print(f"dni-async train: interrupted; checkpoint {where}\n"
+                  f"resume with: dni-async train --resume {spec.run_dir}", file=sys.stderr)
+        else:
+            print("dni-async train: interrupted before a checkpoint could be taken",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
     if status == 0:
         summary = _read(os.path.join(spec.run_dir, "summary.json"))

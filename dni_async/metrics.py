@@ -34,6 +34,17 @@ def batch_sums(task: str, loss: str, out, y, delta=None) -> dict:
     }
 
 
+def valid(sums) -> bool:
+    """Sums that came off the wire: the right keys, counts as non-negative ints, the loss
+    figures as numbers (NaN allowed: a diverged run must still be reported)."""
+    if not isinstance(sums, dict) or set(sums) != set(SUM_KEYS):
+        return False
+    counts = ("n", "units_right", "units", "rows_right")
+    if not all(type(sums[k]) is int and sums[k] >= 0 for k in counts):
+        return False
+    return all(type(sums[k]) in (int, float) for k in ("loss", "delta_l1"))
+
+
 def empty() -> dict:
     return {k: 0 for k in SUM_KEYS}
 

@@ -26,7 +26,7 @@ def train_step(models, cfg: Config, step: int, x, y, sums: dict, fidelity=None) 
     stage, how close the synthetic gradient came; the training itself is unchanged."""
     n = len(models)
     if cfg.mode == "gpipe":
-        return _gpipe_step(models, cfg, x, y, sums)
+        return _gpipe_step(models, cfg, step, x, y, sums)
     measure = (fidelity is not None and cfg.decoupled and cfg.fidelity_every > 0
                and step % cfg.fidelity_every == 0)
     hs = [x]
@@ -41,7 +41,7 @@ def train_step(models, cfg: Config, step: int, x, y, sums: dict, fidelity=None) 
                                                     need_grad_input=k > 0)
     hs.append(models[-1].forward(hs[-1]))
     g, delta = models[-1].backward_from_loss(hs[n - 1], hs[n], y, need_grad_input=n > 1)
-    metrics.add(sums, metrics.batch_sums(_task(cfg), cfg.loss, hs[n], y, delta))
+    metrics.add(sums, metrics.batch_sums(cfg.task, cfg.loss, hs[n], y, delta))
     if measure:
         fidelity.append(_fidelity_row(models, step, hs, g, targets, w_fwd))
     if cfg.decoupled:
@@ -70,33 +70,17 @@ def _fidelity_row(models, step: int, hs: list, g, targets: list, w_fwd: list) ->
     return row
 
 
-def _gpipe_step(models, cfg: Config, x, y, total: dict) -> None:
+def _gpipe_step(models, cfg: Config, step: int, x, y, total: dict) -> None:
     """Micro-batches through every stage, gradients summed, one update per batch."""
-    n = len(models)
-    acc = [None] * n
-    for xm, ym in zip(np.array_split(x, cfg.micro_batches), np.array_split(y, cfg.micro_batches)):
+    n, m = len(models), cfg.micro_batches
+    for xm, ym in zip(np.array_split(x, m), np.array_split(y, m)):
         hs = [xm]
         for k in range(n):
             hs.append(models[k].forward(hs[k]))
-        delta = None
-        for k in range(n - 1, -1, -1):
-            layer = models[k].layer
-            if k == n - 1:
-                delta = nn.output_delta(cfg.loss, layer.activation, hs[n], ym)
-                metrics.add(total, metrics.batch_sums(_task(cfg), cfg.loss, hs[n], ym, delta))
-                d = delta
-            else:
-                d = layer.delta(hs[k + 1], g)
-            g = layer.grad_input(d) if k > 0 else None
-            gW, gb = layer.gradients(hs[k], d)
-            acc[k] = (gW, gb) if acc[k] is None else (acc[k][0] + gW,
-                                                      None if gb is None else acc[k][1] + gb)
-    for k in range(n):
-        models[k].layer.apply(acc[k][0], acc[k][1], models[k].lr)
-
-
-def _task(cfg: Config) -> str:
-    return "bits" if cfg.dataset == "binary-addition" else "classes"
+        g, delta = models[-1].micro_backward_from_loss(step, hs[n - 1], hs[n], ym, m)
+        metrics.add(total, metrics.batch_sums(cfg.task, cfg.loss, hs[n], ym, delta))
+        for k in range(n - 2, -1, -1):
+            g = models[k].micro_backward(step, hs[k], hs[k + 1], g, m, need_grad_input=k > 0)
 
 
 def evaluate(models, cfg: Config, x, y, chunk: int = 4096) -> dict:
@@ -105,7 +89,7 @@ def evaluate(models, cfg: Config, x, y, chunk: int = 4096) -> dict:
         h = x[i:i + chunk]
         for m in models:
             h = m.forward(h)
-        metrics.add(sums, metrics.batch_sums(_task(cfg), cfg.loss, h, y[i:i + chunk]))
+        metrics.add(sums, metrics.batch_sums(cfg.task, cfg.loss, h, y[i:i + chunk]))
     return sums
 
 

@@ -77,6 +77,18 @@ def machine() -> dict:
     return info
 
 
+def ensure_writable(path: str, what: str = "cannot write") -> None:
+    """Create the folder of an output file if need be; refuse, before any work, if impossible."""
+    from dni_async.config import ConfigError
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        pass
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{what} {path}: folder {folder} is missing or not writable")
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, rename: readers never see half a file."""
     folder = os.path.dirname(os.path.abspath(path))

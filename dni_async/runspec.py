@@ -31,6 +31,7 @@ class RunSpec:
         write_json(path, {"run_id": self.run_id, "run_dir": self.run_dir, "trace": self.trace,
                           "resume_from": self.resume_from,
                           "endpoints": self.endpoints, "config": self.config.to_dict()})
+        os.chmod(path, 0o600)   # it holds the run id, which every message must carry
 
     @classmethod
     def load(cls, path: str) -> "RunSpec":

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import zmq
 
-from dni_async import checkpoint, metrics, network, nn, wire
+from dni_async import checkpoint, metrics, network, wire
 from dni_async.config import ConfigError
 from dni_async.runspec import EVAL_CHUNK, RunSpec, release_ipc
 from dni_async.security import Curve
@@ -46,7 +46,7 @@ class Stage:
         self.spec, self.cfg, self.rank = spec, cfg, rank
         self.n = cfg.n_stages
         self.last = rank == self.n - 1
-        self.task = "bits" if cfg.dataset == "binary-addition" else "classes"
+        self.task = cfg.task
         _, rng = network.load_data_and_rng(cfg)
         self.model = network.build(cfg, rng, ranks=[rank])[0]
         if spec.resume_from:
@@ -58,8 +58,6 @@ class Stage:
         self.clock = Clock(record_spans=spec.trace)
         self.bad_messages = 0
         self.waiting: dict[int, tuple] = {}     # lockstep: step -> (x, h) until its gradient
-        self.accum = None                        # gpipe: summed gradients of the current batch
-        self.accum_count = 0
         self.batches = 0
         self.stopping = False
         # the largest array this stage can legitimately receive: anything larger is refused
@@ -156,6 +154,8 @@ class Stage:
     def _await_start(self) -> None:
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while time.monotonic() < deadline:
+            if _interrupted_at:
+                raise KeyboardInterrupt
             if self.control.poll(100):
                 msg = self._recv(self.control)
                 if msg is None:
@@ -221,8 +221,8 @@ class Stage:
 
     def _finish(self) -> None:
         """Save the final weights, report, and leave the loop."""
-        arrays = self.model.arrays()
-        np.savez(os.path.join(self.spec.run_dir, f"stage-{self.rank}.npz"), **arrays)
+        checkpoint.save_arrays(os.path.join(self.spec.run_dir, f"stage-{self.rank}.npz"),
+                               self.model.arrays())
         wall = self.clock.elapsed()
         stats = {
             "rank": self.rank, "pid": os.getpid(), "batches": self.batches,
@@ -280,16 +280,21 @@ class Stage:
             if target is not None:
                 self._send(self.grad_out, "grad", step, [target])
         else:
+            # lockstep: at most one batch (gpipe: one batch's micro-batches) waits here
+            limit = self.cfg.micro_batches if self.cfg.mode == "gpipe" else 1
+            if step in self.waiting or len(self.waiting) >= limit:
+                self.bad_messages += 1
+                return
             self._send(self.fwd_out, "fwd", step, [h, y], meta=msg.meta)
             self.waiting[step] = (x, h, msg.meta)
 
     def _last_stage_step(self, step, x, h, y, meta) -> None:
         need_g = self.rank > 0
         if self.cfg.mode == "gpipe":
+            m = self.cfg.micro_batches
             with self.clock.span("update", step):
-                delta = nn.output_delta(self.cfg.loss, self.model.layer.activation, h, y)
-                g = self.model.layer.grad_input(delta)
-                self._accumulate(x, delta, meta)
+                g, delta = self.model.micro_backward_from_loss(step // m, x, h, y, m,
+                                                               need_grad_input=need_g)
         else:
             with self.clock.span("update", step):
                 g, delta = self.model.backward_from_loss(x, h, y, need_grad_input=need_g)
@@ -303,8 +308,14 @@ class Stage:
         (g,) = msg.arrays
         step = msg.step
         if self.cfg.decoupled:
+            if g.shape[0] != self.cfg.batch_size:      # a target is one row per example
+                self.bad_messages += 1
+                return
             with self.clock.span("generator", step):
-                self.model.apply_target(step, g)
+                try:
+                    self.model.apply_target(step, g)
+                except ValueError:      # a target of another shape than the guess it trains
+                    self.bad_messages += 1
             return
         entry = self.waiting.pop(step, None)
         if entry is None or entry[1].shape != g.shape:
@@ -316,29 +327,14 @@ class Stage:
         need_g = self.rank > 0
         with self.clock.span("update", step):
             if self.cfg.mode == "gpipe":
-                delta = self.model.layer.delta(h, g)
-                g_prev = self.model.layer.grad_input(delta) if need_g else None
-                self._accumulate(x, delta, meta)
+                m = self.cfg.micro_batches
+                g_prev = self.model.micro_backward(step // m, x, h, g, m, need_grad_input=need_g)
             else:
                 g_prev = self.model.backward(x, h, g, need_grad_input=need_g)
         if need_g:
             self._send(self.grad_out, "grad", step, [g_prev], meta=meta)
         else:
             self._send(self.results, "done", step, meta=meta)
-
-    def _accumulate(self, x, delta, meta) -> None:
-        """gpipe: sum this micro-batch's gradients; update once all of the batch is in."""
-        gW, gb = self.model.layer.gradients(x, delta)
-        if self.accum is None:
-            self.accum = [gW, gb]
-        else:
-            self.accum[0] = self.accum[0] + gW
-            if gb is not None:
-                self.accum[1] = self.accum[1] + gb
-        self.accum_count += 1
-        if self.accum_count == int(meta.get("of", 1)):
-            self.model.layer.apply(self.accum[0], self.accum[1], self.model.lr)
-            self.accum, self.accum_count = None, 0
 
 
 class Fault:

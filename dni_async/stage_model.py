@@ -36,7 +36,9 @@ class StageModel:
         self.counters = {"targets_applied": 0, "targets_dropped": 0, "targets_unknown": 0,
                          "target_lag_sum": 0, "target_lag_max": 0}
         self.updates = 0
-        self.generator_sq_error = 0.0     # running sum of ||g_hat - target||^2 since last read
+        self.accum = None                 # gpipe: [batch, summed dW, summed db, micro-batches]
+        self.evicted: OrderedDict[int, None] = OrderedDict()   # steps dropped from `pending`
+        self.generator_sq_error = 0.0     # sum of ||g_hat - target||^2 over the run so far
 
     @property
     def is_last(self) -> bool:
@@ -61,6 +63,30 @@ class StageModel:
         self.layer.update(x, delta, self.lr)
         return g_prev, delta
 
+    # -- gpipe: micro-batches, gradients summed, one update per batch ----------------------
+
+    def micro_backward(self, batch: int, x, h, g, of: int, *, need_grad_input: bool = True):
+        """Like `backward`, but only sums the gradient; the update comes with the batch's
+        last micro-batch. Micro-batches arrive in order, so the sum's order is fixed."""
+        return self._micro(batch, x, self.layer.delta(h, g), of, need_grad_input)
+
+    def micro_backward_from_loss(self, batch: int, x, h, y, of: int, *, need_grad_input=True):
+        delta = nn.output_delta(self.loss, self.layer.activation, h, y)
+        return self._micro(batch, x, delta, of, need_grad_input), delta
+
+    def _micro(self, batch: int, x, delta, of: int, need_grad_input: bool):
+        g_prev = self.layer.grad_input(delta) if need_grad_input else None
+        gW, gb = self.layer.gradients(x, delta)
+        if self.accum is None or self.accum[0] != batch:
+            self.accum = [batch, gW, gb, 1]      # a new batch: whatever was summed is gone
+        else:
+            _, sW, sb, count = self.accum
+            self.accum = [batch, sW + gW, None if gb is None else sb + gb, count + 1]
+        if self.accum[3] == of:
+            self.layer.apply(self.accum[1], self.accum[2], self.lr)
+            self.accum = None
+        return g_prev
+
     # -- synthetic gradients --------------------------------------------------------------
 
     def synthetic_update(self, step: int, x, h, y, *, need_grad_input: bool = True):
@@ -81,8 +107,11 @@ class StageModel:
     def _remember(self, step: int, entry) -> None:
         self.pending[step] = entry
         while len(self.pending) > self.max_pending:
-            self.pending.popitem(last=False)
+            old, _ = self.pending.popitem(last=False)
             self.counters["targets_dropped"] += 1
+            self.evicted[old] = None
+            if len(self.evicted) > self.max_pending:
+                self.evicted.popitem(last=False)
 
     def synthetic_gradient(self, step: int):
         """The generator's guess of dL/dh for a step still waiting for its target, or None."""
@@ -91,11 +120,16 @@ class StageModel:
 
     def apply_target(self, step: int, target) -> bool:
         """Train the generator on the gradient that arrived for `step`; False if it came too late."""
-        entry = self.pending.pop(step, None)
+        entry = self.pending.get(step)
         if entry is None:
-            self.counters["targets_unknown"] += 1
+            if self.evicted.pop(step, "never") == "never":   # a dropped one is counted already
+                self.counters["targets_unknown"] += 1
             return False
         cache, g_hat, at = entry
+        if target.shape != g_hat.shape or target.dtype != g_hat.dtype:
+            raise ValueError(f"target for step {step} is {target.dtype}{target.shape}, "
+                             f"expected {g_hat.dtype}{g_hat.shape}")
+        del self.pending[step]
         self.generator_sq_error += self.generator.update(cache, g_hat, target)
         self.counters["targets_applied"] += 1
         lag = self.updates - at

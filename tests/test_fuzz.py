@@ -97,3 +97,47 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
     print(f"fuzz: sent {sum(sent.values())} malformed messages, counted {counted}")
     want = reference.train(make_config({"mode": "backprop", "epochs": EPOCHS}), log=None)
     assert summary["weights_sha256"] == want["weights_sha256"]
+
+
+def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
+    """Right run id and kind, wrong contents: targets of the wrong height for steps a stage
+    is waiting on, loss and eval sums that are not numbers, answers to questions not asked."""
+    proc = subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--mode", "cdni",
+                             "--epochs", "30", "--run-dir", str(tmp_path), "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    to_coordinator = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "config.json").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        spec = json.loads((tmp_path / "config.json").read_text())
+        run_id, ep = spec["run_id"], spec["endpoints"]
+        time.sleep(1.0)
+        grad = ctx.socket(zmq.PUSH)
+        grad.connect(ep["grad_in"][0])
+        res = ctx.socket(zmq.PUSH)
+        res.connect(ep["results"])
+        bad_sums = {"n": 10, "loss": "x", "delta_l1": 1.0, "units_right": 1, "units": 1,
+                    "rows_right": 1}
+        for step in range(0, 3000, 3):
+            wire.send(grad, run_id, "grad", step, [np.zeros((3, 128))])    # 3 rows, not 10
+            wire.send(res, run_id, "evalres", 1000 * (step % 7), meta={"sums": bad_sums})
+            wire.send(res, run_id, "loss", step, meta={"sums": bad_sums})
+            to_coordinator += 2
+        grad.close(linger=5000)
+        res.close(linger=5000)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ctx.destroy(linger=0)
+    assert proc.returncode == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["bad_messages"]["coordinator"] == to_coordinator
+    st0 = summary["stages"][0]
+    assert st0["bad_messages"] == 1000          # every wrong-height target refused
+    assert st0["counters"]["targets_unknown"] == 0
+    assert summary["final"]["train_bit_acc"] > 0.5

@@ -48,6 +48,12 @@ def end_all(procs):
             p.wait()
 
 
+def test_tcp_beyond_loopback_without_keys_is_refused(tmp_path):
+    r = cli("plan", "--transport", "tcp", "--run-dir", tmp_path, "--set", "coordinator_host=10.1.2.3",
+            "--set", "stage_hosts=10.1.2.4,10.1.2.5,10.1.2.6", "--set", "base_port=40000")
+    assert r.returncode == 2 and "reaches beyond this machine" in r.stderr, r.stderr
+
+
 def test_every_process_on_its_own_loopback_address(tmp_path):
     path = plan(tmp_path, "127.0.0.1", ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
     spec = json.loads(open(path).read())
@@ -108,7 +114,11 @@ def namespaces():
 
 
 def test_pipeline_across_network_namespaces(tmp_path, namespaces):
-    path = plan(tmp_path, ADDR["dnic"], [ADDR["dni0"], ADDR["dni1"], ADDR["dni2"]])
+    """Beyond loopback a run needs CURVE keys (or an explicit allow_insecure): use them."""
+    keys = tmp_path / "keys"
+    assert cli("keys", keys, "--stages", 3).returncode == 0
+    path = plan(tmp_path, ADDR["dnic"], [ADDR["dni0"], ADDR["dni1"], ADDR["dni2"]],
+                extra=["--set", f"curve_keys={keys}"])
     coord, stages = start_all(path, 3, namespaces)
     try:
         assert coord.wait(timeout=120) == 0, coord.stderr.read()
@@ -123,7 +133,7 @@ def test_pipeline_across_network_namespaces(tmp_path, namespaces):
 
 def test_cut_link_is_detected_and_everyone_exits(tmp_path, namespaces):
     path = plan(tmp_path, ADDR["dnic"], [ADDR["dni0"], ADDR["dni1"], ADDR["dni2"]],
-                extra=["--epochs", "100000"])
+                extra=["--epochs", "100000", "--set", "allow_insecure=true"])
     coord, stages = start_all(path, 3, namespaces)
     try:
         time.sleep(3)
