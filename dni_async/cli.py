@@ -6,7 +6,6 @@ Bad settings end here with one line on stderr and exit status 2, before any proc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -191,24 +191,21 @@ def make_config(overrides: dict | None = None, *, preset: str | None = None) -> 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     cfg = Config(preset=preset)
-    names = {f.name for f in fields(Config)}
     mode = overrides.get("mode", PRESETS[preset].get("mode", cfg.mode))
     # mode defaults first: a preset that sets one of them (digits: generator_lr) keeps its own
     values = {**MODE_DEFAULTS.get(mode, {}), **PRESETS[preset]}
     values.update(overrides)
-    for name, value in values.items():
-        if name not in names:
-            raise ConfigError(f"unknown setting {name!r}")
-        setattr(cfg, name, _coerce(name, value, getattr(cfg, name)))
-    validate(cfg)
-    return cfg
+    return _checked(cfg, values)
 
 
 def config_from_dict(data: dict) -> Config:
     """Rebuild a saved config (config.json) exactly, without applying presets again."""
-    cfg = Config()
+    return _checked(Config(), data)
+
+
+def _checked(cfg: Config, values: dict) -> Config:
     names = {f.name for f in fields(Config)}
-    for name, value in data.items():
+    for name, value in values.items():
         if name not in names:
             raise ConfigError(f"unknown setting {name!r}")
         setattr(cfg, name, _coerce(name, value, getattr(cfg, name)))

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from dni_async import metrics, network, nn, report, stage_model
+from dni_async import metrics, network, report, stage_model
 from dni_async.config import Config
 
 

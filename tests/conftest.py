@@ -38,6 +38,17 @@ def wait_gone(text: str, timeout: float) -> list:
     return procs_mentioning(text)
 
 
+def wait_for_spec(run_dir, proc, settle: float = 1.0) -> dict:
+    """A started run's config.json (endpoints, run id), once every process had time to bind."""
+    import json
+    deadline = time.monotonic() + 30
+    while not (run_dir / "config.json").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
+        time.sleep(0.05)
+    time.sleep(settle)
+    return json.loads((run_dir / "config.json").read_text())
+
+
 def cli(*args, timeout=120, env=None, **kw) -> subprocess.CompletedProcess:
     """Run `python -m dni_async ARGS` to completion within `timeout` seconds."""
     full_env = dict(os.environ, **(env or {}))

@@ -74,7 +74,7 @@ def test_killed_run_resumes_from_its_last_periodic_checkpoint(no_leftovers):
 
 def test_damaged_checkpoint_is_refused_and_the_previous_one_used(no_leftovers):
     proc = start(no_leftovers, "--checkpoint-every", "5")
-    good = wait_for_checkpoints(no_leftovers, 2)
+    wait_for_checkpoints(no_leftovers, 2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=10)
     remove_ipc_folder(no_leftovers)

@@ -2,17 +2,15 @@
 no process crashes, every one is counted, and the weights come out bit for bit unchanged."""
 
 import json
-import os
 import random
 import subprocess
 import sys
-import time
 
 import msgpack
 import numpy as np
 import zmq
 
-from conftest import ROOT
+from conftest import ROOT, wait_for_spec
 from dni_async import reference, wire
 from dni_async.config import make_config
 
@@ -56,13 +54,8 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
     ctx = zmq.Context()
     sent = {}
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "config.json").exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
-        spec = json.loads((tmp_path / "config.json").read_text())
-        run_id, ep = spec["run_id"], spec["endpoints"]
-        time.sleep(1.0)                      # let every process bind and the run begin
+        spec = wait_for_spec(tmp_path, proc)
+        run_id, ep = spec["run_id"], spec["endpoints"]                      # let every process bind and the run begin
         targets = [(f"stage-{k}", e) for k, e in enumerate(ep["fwd_in"])]
         targets += [(f"stage-{k}", e) for k, e in enumerate(ep["grad_in"]) if e]
         targets += [("coordinator", ep["results"]), ("coordinator", ep["control"])]
@@ -108,13 +101,8 @@ def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
     ctx = zmq.Context()
     to_coordinator = 0
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "config.json").exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
-        spec = json.loads((tmp_path / "config.json").read_text())
+        spec = wait_for_spec(tmp_path, proc)
         run_id, ep = spec["run_id"], spec["endpoints"]
-        time.sleep(1.0)
         grad = ctx.socket(zmq.PUSH)
         grad.connect(ep["grad_in"][0])
         res = ctx.socket(zmq.PUSH)

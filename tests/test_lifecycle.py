@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from conftest import ROOT, procs_mentioning, wait_gone
 

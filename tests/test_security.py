@@ -3,13 +3,12 @@
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import zmq
 import zmq.auth
 
-from conftest import ROOT, cli
+from conftest import ROOT, cli, wait_for_spec
 from dni_async import reference, wire
 from dni_async.config import make_config
 
@@ -36,20 +35,11 @@ def start_run(run, keys=None):
          "--run-dir", str(run), "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
 
 
-def wait_spec(run, proc):
-    deadline = time.monotonic() + 30
-    while not (run / "config.json").exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    time.sleep(1.0)
-    return json.loads((run / "config.json").read_text())
-
-
 def test_without_curve_an_injection_does_get_in(tmp_path):
     """The control experiment: the same kind of injection, no keys, reaches every process
     (forward-only eval messages travel the whole pipeline and are counted at the coordinator)."""
     proc = start_run(tmp_path)
-    spec = wait_spec(tmp_path, proc)
+    spec = wait_for_spec(tmp_path, proc)
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
     s.connect(spec["endpoints"]["fwd_in"][0])
@@ -69,7 +59,7 @@ def test_intruders_without_keys_cannot_join_or_inject(tmp_path):
     proc = start_run(run, keys)
     ctx = zmq.Context()
     try:
-        spec = wait_spec(run, proc)
+        spec = wait_for_spec(run, proc)
         run_id, ep = spec["run_id"], spec["endpoints"]
         x, y = np.ones((10, 12)), np.ones((10, 6))
         # 1. no CURVE at all; 2. CURVE with a key the run does not know
