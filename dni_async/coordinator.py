@@ -128,9 +128,9 @@ class Coordinator:
         self.last_seen[rank] = time.monotonic()
         if msg.kind == "hello":
             self.pids[rank] = msg.meta.get("pid")
-        elif msg.kind == "stats":
+        elif msg.kind == "stats" and _valid_stats(msg.meta):
             self.stats[rank] = msg.meta
-        elif msg.kind == "ack":
+        elif msg.kind == "ack" and all(isinstance(msg.meta.get(k), str) for k in ("file", "sha256")):
             self.acks[rank] = msg.meta
         elif msg.kind == "error":
             raise StageLost(f"stage {rank} failed: {msg.meta.get('message', '?')}")
@@ -407,6 +407,15 @@ class Coordinator:
             "checkpoint_seconds": self.checkpoints,
             "machine": report.machine(),
         }
+
+
+def _valid_stats(meta: dict) -> bool:
+    """A stage's final report, before the summary relies on it."""
+    num = (int, float)
+    return (isinstance(meta.get("weights_sha256"), str) and isinstance(meta.get("rank"), int)
+            and type(meta.get("busy")) in num and type(meta.get("wall")) in num
+            and type(meta.get("bad_messages")) is int and isinstance(meta.get("counters"), dict)
+            and isinstance(meta.get("times"), dict))
 
 
 def _rank_of(ident: bytes, n: int):
