@@ -117,7 +117,9 @@ def _bench_table(path: str | None) -> dict:
         return {}   # load_toml reports those
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [bench] must be a table")
-    unknown = set(table) - {"repeats", "warmup", "target", "modes"}
+    unknown = set(table) - {"repeats", "warmup", "target", "modes", "wire"}
+    if not isinstance(table.get("wire", False), bool):
+        raise ConfigError(f"{path}: [bench] wire must be true or false")
     if unknown:
         raise ConfigError(f"{path}: unknown [bench] setting(s) {', '.join(sorted(unknown))}")
     return table
@@ -885,6 +887,7 @@ def main(argv: list) -> int:
 def _main(args, argv: list) -> int:
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, flush=True, **k))
     table = _bench_table(args.config)
+    args.wire = args.wire or table.get("wire", False)   # a config may ask for the transport too
     settings_given = bool(args.config or args.set or args.modes or args.sweep)
     wire_only = args.wire and not settings_given
     modes = [] if wire_only else parse_modes(args.modes if args.modes is not None
