@@ -259,6 +259,9 @@ class Stage:
             return
         x, y = msg.arrays
         step = msg.step
+        if msg.kind == "fwd" and not self._admit(step, x.shape[0]):
+            self.bad_messages += 1
+            return
         with self.clock.span("forward" if msg.kind == "fwd" else "eval", step):
             h = self.model.forward(x)
         if msg.kind == "eval":
@@ -280,13 +283,19 @@ class Stage:
             if target is not None:
                 self._send(self.grad_out, "grad", step, [target])
         else:
-            # lockstep: at most one batch (gpipe: one batch's micro-batches) waits here
-            limit = self.cfg.micro_batches if self.cfg.mode == "gpipe" else 1
-            if step in self.waiting or len(self.waiting) >= limit:
-                self.bad_messages += 1
-                return
             self._send(self.fwd_out, "fwd", step, [h, y], meta=msg.meta)
             self.waiting[step] = (x, h, msg.meta)
+
+    def _admit(self, step: int, rows: int) -> bool:
+        """A training batch has the configured size, and a lockstep stage holds at most one
+        batch (gpipe: one batch's micro-batches) while it waits for gradients."""
+        gpipe = self.cfg.mode == "gpipe"
+        if rows != self.cfg.batch_size // (self.cfg.micro_batches if gpipe else 1):
+            return False
+        if self.cfg.decoupled or self.last:
+            return True
+        limit = self.cfg.micro_batches if gpipe else 1
+        return step not in self.waiting and len(self.waiting) < limit
 
     def _last_stage_step(self, step, x, h, y, meta) -> None:
         need_g = self.rank > 0
