@@ -202,6 +202,19 @@ def mode_config(values: dict, mode: str, **extra) -> Config:
         raise ConfigError(f"mode {mode}: {exc}") from None
 
 
+def _run_child(cmd: list, blas_threads: int, timeout_s: float, what: str):
+    """A child interpreter with its own BLAS threads, bounded in time; BenchFailed if it fails."""
+    try:
+        proc = subprocess.run(cmd, env=launch.child_env(blas_threads), capture_output=True,
+                              text=True, timeout=timeout_s, preexec_fn=launch._die_with_parent)
+    except subprocess.TimeoutExpired:
+        raise BenchFailed(f"{what} took over {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        raise BenchFailed(f"{what} failed: {tail}")
+    return proc
+
+
 # -- one run -----------------------------------------------------------------------------------
 
 def steady_rate(history: list, warmup: int, samples_per_epoch: int) -> float:
@@ -298,14 +311,7 @@ def run_reference(cfg: Config, folder: str, threads: int) -> dict:
     write_toml(cfg, toml_path)
     cmd = [sys.executable, "-m", "dni_async", "reference", "--config", toml_path,
            "--json", out, "--quiet"]
-    try:
-        proc = subprocess.run(cmd, env=launch.child_env(threads), capture_output=True, text=True,
-                              timeout=REFERENCE_TIMEOUT_S, preexec_fn=launch._die_with_parent)
-    except subprocess.TimeoutExpired:
-        raise BenchFailed(f"the reference run took over {REFERENCE_TIMEOUT_S} s") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        raise BenchFailed(f"the reference run failed: {tail}")
+    _run_child(cmd, threads, REFERENCE_TIMEOUT_S, "the reference run")
     with open(out) as fh:
         summary = json.load(fh)
     summary["blas_threads"] = threads
@@ -382,15 +388,8 @@ def calibrate(cfg: Config, folder: str, timeout_s: float = 600) -> dict:
     path = os.path.join(folder, f"calibrate-{cfg.mode}.json")
     with open(path, "w") as fh:
         fh.write(cfg.to_json())
-    try:
-        proc = subprocess.run([sys.executable, "-m", "dni_async.bench", "_calibrate", path],
-                              env=launch.child_env(1), capture_output=True, text=True,
-                              timeout=timeout_s, preexec_fn=launch._die_with_parent)
-    except subprocess.TimeoutExpired:
-        raise BenchFailed(f"timing the stages alone took over {timeout_s:.0f} s") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        raise BenchFailed(f"timing the stages alone failed: {tail}")
+    proc = _run_child([sys.executable, "-m", "dni_async.bench", "_calibrate", path], 1,
+                      timeout_s, "timing the stages alone")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

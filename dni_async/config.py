@@ -170,14 +170,19 @@ def _coerce(name: str, value, current):
         raise ConfigError(f"{name}: cannot read {value!r} as {type(current).__name__}") from None
 
 
-def load_toml(path: str) -> dict:
+def read_toml(path: str, what: str = "config") -> dict:
+    """A TOML file as a dict, or one ConfigError line saying why not."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def load_toml(path: str) -> dict:
+    data = read_toml(path)
     # a [run] table is accepted as well as top-level keys
     flat = dict(data.get("run", {}))
     flat.update({k: v for k, v in data.items() if not isinstance(v, dict)})

@@ -47,12 +47,7 @@ import time
 import numpy as np
 
 from dni_async import report, seed_post
-from dni_async.config import MODES, ConfigError, make_config
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from dni_async.config import MODES, ConfigError, make_config, read_toml
 
 EXIT_BAD_INPUT = 2
 KINDS = ("table", "sweep", "fidelity")
@@ -68,13 +63,7 @@ class ExperimentFailed(RuntimeError):
 
 def load_spec(path: str) -> dict:
     """Read and check an experiment file; every problem is one ConfigError line."""
-    try:
-        with open(path, "rb") as fh:
-            spec = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read experiment {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"experiment {path} is not valid TOML: {exc}") from None
+    spec = read_toml(path, "experiment")
     spec.setdefault("kind", "table")
     spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     spec.setdefault("title", spec["name"])

@@ -46,7 +46,6 @@ class Stage:
         self.spec, self.cfg, self.rank = spec, cfg, rank
         self.n = cfg.n_stages
         self.last = rank == self.n - 1
-        self.task = cfg.task
         _, rng = network.load_data_and_rng(cfg)
         self.model = network.build(cfg, rng, ranks=[rank])[0]
         if spec.resume_from:
@@ -266,7 +265,7 @@ class Stage:
             h = self.model.forward(x)
         if msg.kind == "eval":
             if self.last:
-                sums = metrics.batch_sums(self.task, self.cfg.loss, h, y)
+                sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y)
                 self._send(self.results, "evalres", step, meta={**msg.meta, "sums": sums})
             else:
                 self._send(self.fwd_out, "eval", step, [h, y], meta=msg.meta)
@@ -308,7 +307,7 @@ class Stage:
             with self.clock.span("update", step):
                 g, delta = self.model.backward_from_loss(x, h, y, need_grad_input=need_g)
         self._send(self.grad_out, "grad", step, [g], meta=meta)
-        sums = metrics.batch_sums(self.task, self.cfg.loss, h, y, delta)
+        sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y, delta)
         self._send(self.results, "loss", step, meta={**meta, "sums": sums})
 
     def _on_grad(self, msg) -> None:

@@ -49,6 +49,15 @@ def wait_for_spec(run_dir, proc, settle: float = 1.0) -> dict:
     return json.loads((run_dir / "config.json").read_text())
 
 
+def end_run(proc, ctx=None) -> None:
+    """After a test that started `train` (and maybe a ZeroMQ context): nothing left running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if ctx is not None:
+        ctx.destroy(linger=0)
+
+
 def cli(*args, timeout=120, env=None, **kw) -> subprocess.CompletedProcess:
     """Run `python -m dni_async ARGS` to completion within `timeout` seconds."""
     full_env = dict(os.environ, **(env or {}))

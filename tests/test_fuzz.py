@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from conftest import ROOT, wait_for_spec
+from conftest import ROOT, end_run, wait_for_spec
 from dni_async import reference, wire
 from dni_async.config import make_config
 
@@ -79,10 +79,7 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
         big.close(linger=3000)
         out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        ctx.destroy(linger=0)
+        end_run(proc, ctx)
     assert proc.returncode == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     counted = summary["bad_messages"]
@@ -118,10 +115,7 @@ def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
         res.close(linger=5000)
         out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        ctx.destroy(linger=0)
+        end_run(proc, ctx)
     assert proc.returncode == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bad_messages"]["coordinator"] == to_coordinator

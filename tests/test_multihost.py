@@ -48,6 +48,20 @@ def end_all(procs):
             p.wait()
 
 
+def run_and_compare(path, run_dir, wrap=lambda who: []) -> None:
+    """Start every process by hand, wait for all to end well, compare with the reference."""
+    coord, stages = start_all(path, 3, wrap)
+    try:
+        assert coord.wait(timeout=120) == 0, coord.stderr.read()
+        assert all(s.wait(timeout=10) == 0 for s in stages)
+    finally:
+        end_all([coord, *stages])
+    got = json.loads((run_dir / "summary.json").read_text())
+    want = reference.train(make_config({k: v for k, v in SETTINGS.items() if k != "preset"},
+                                       preset="tiny"), log=None)
+    assert got["weights_sha256"] == want["weights_sha256"]
+
+
 def test_tcp_beyond_loopback_without_keys_is_refused(tmp_path):
     r = cli("plan", "--transport", "tcp", "--run-dir", tmp_path, "--set", "coordinator_host=10.1.2.3",
             "--set", "stage_hosts=10.1.2.4,10.1.2.5,10.1.2.6", "--set", "base_port=40000")
@@ -58,16 +72,7 @@ def test_every_process_on_its_own_loopback_address(tmp_path):
     path = plan(tmp_path, "127.0.0.1", ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
     spec = json.loads(open(path).read())
     assert spec["endpoints"]["fwd_in"][2].startswith("tcp://127.0.0.4:")
-    coord, stages = start_all(path, 3)
-    try:
-        assert coord.wait(timeout=120) == 0, coord.stderr.read()
-        assert all(s.wait(timeout=10) == 0 for s in stages)
-    finally:
-        end_all([coord, *stages])
-    got = json.loads((tmp_path / "summary.json").read_text())
-    want = reference.train(make_config({k: v for k, v in SETTINGS.items() if k != "preset"},
-                                       preset="tiny"), log=None)
-    assert got["weights_sha256"] == want["weights_sha256"]
+    run_and_compare(path, tmp_path)
 
 
 # -- network namespaces: one per process, joined by a bridge ---------------------------------
@@ -119,16 +124,7 @@ def test_pipeline_across_network_namespaces(tmp_path, namespaces):
     assert cli("keys", keys, "--stages", 3).returncode == 0
     path = plan(tmp_path, ADDR["dnic"], [ADDR["dni0"], ADDR["dni1"], ADDR["dni2"]],
                 extra=["--set", f"curve_keys={keys}"])
-    coord, stages = start_all(path, 3, namespaces)
-    try:
-        assert coord.wait(timeout=120) == 0, coord.stderr.read()
-        assert all(s.wait(timeout=10) == 0 for s in stages)
-    finally:
-        end_all([coord, *stages])
-    got = json.loads((tmp_path / "summary.json").read_text())
-    want = reference.train(make_config({k: v for k, v in SETTINGS.items() if k != "preset"},
-                                       preset="tiny"), log=None)
-    assert got["weights_sha256"] == want["weights_sha256"]
+    run_and_compare(path, tmp_path, namespaces)
 
 
 def test_cut_link_is_detected_and_everyone_exits(tmp_path, namespaces):

@@ -8,7 +8,7 @@ import numpy as np
 import zmq
 import zmq.auth
 
-from conftest import ROOT, cli, wait_for_spec
+from conftest import ROOT, cli, end_run, wait_for_spec
 from dni_async import reference, wire
 from dni_async.config import make_config
 
@@ -93,10 +93,7 @@ def test_intruders_without_keys_cannot_join_or_inject(tmp_path):
         d.close(linger=0)
         _, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        ctx.destroy(linger=0)
+        end_run(proc, ctx)
     assert proc.returncode == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert sum(summary["bad_messages"].values()) == 0
