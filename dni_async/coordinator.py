@@ -176,9 +176,9 @@ class Coordinator:
         with self.clock.span("wait"):
             ready = dict(self.poller.poll(int(timeout_s * 1000)))
         if self.control in ready:
-            self._on_control()
+            _drain(self.control, self._on_control)
         if self.results in ready:
-            self._on_result()
+            _drain(self.results, self._on_result)
         now = time.monotonic()
         if now >= self.next_beat:
             self._broadcast("heartbeat")
@@ -382,6 +382,7 @@ class Coordinator:
         if len(self.stats) < self.n:
             missing = sorted(set(range(self.n)) - set(self.stats))
             raise StageLost(f"stage(s) {missing} sent no final stats")
+        _drain(self.results, self._on_result, limit=100_000)   # count strays still queued
 
     def _summary(self, history, final, train_seconds, wall) -> dict:
         cfg = self.cfg
@@ -407,6 +408,15 @@ class Coordinator:
             "checkpoint_seconds": self.checkpoints,
             "machine": report.machine(),
         }
+
+
+def _drain(sock: zmq.Socket, handle, limit: int = 64) -> None:
+    """Handle what is queued on `sock`, at most `limit` messages: a flood of messages is read
+    in bursts rather than one per wake-up, yet cannot starve the loop's own work."""
+    for _ in range(limit):
+        if not sock.poll(0, zmq.POLLIN):
+            return
+        handle()
 
 
 def _valid_stats(meta: dict) -> bool:

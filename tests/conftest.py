@@ -49,6 +49,13 @@ def wait_for_spec(run_dir, proc, settle: float = 1.0) -> dict:
     return json.loads((run_dir / "config.json").read_text())
 
 
+def delivered_before_the_end(ctx, proc) -> None:
+    """Counting every message is only a fair claim for messages that arrived while the run was
+    still reading: wait until ZeroMQ has handed every one over, then check the run is alive."""
+    ctx.term()
+    assert proc.poll() is None, "the run ended before the test's messages were delivered"
+
+
 def end_run(proc, ctx=None) -> None:
     """After a test that started `train` (and maybe a ZeroMQ context): nothing left running."""
     if proc.poll() is None:

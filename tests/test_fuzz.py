@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from conftest import ROOT, end_run, wait_for_spec
+from conftest import ROOT, delivered_before_the_end, end_run, wait_for_spec
 from dni_async import reference, wire
 from dni_async.config import make_config
 
@@ -77,6 +77,7 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
         big.connect(ep["fwd_in"][0])
         big.send_multipart([header(run_id), b"\0" * (64 << 20)])
         big.close(linger=3000)
+        delivered_before_the_end(ctx, proc)
         out, err = proc.communicate(timeout=120)
     finally:
         end_run(proc, ctx)
@@ -93,7 +94,7 @@ def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
     """Right run id and kind, wrong contents: targets of the wrong height for steps a stage
     is waiting on, loss and eval sums that are not numbers, answers to questions not asked."""
     proc = subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--mode", "cdni",
-                             "--epochs", "30", "--run-dir", str(tmp_path), "--quiet"],
+                             "--epochs", "100", "--run-dir", str(tmp_path), "--quiet"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ctx = zmq.Context()
     to_coordinator = 0
@@ -113,6 +114,7 @@ def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
             to_coordinator += 2
         grad.close(linger=5000)
         res.close(linger=5000)
+        delivered_before_the_end(ctx, proc)
         out, err = proc.communicate(timeout=120)
     finally:
         end_run(proc, ctx)
