@@ -195,21 +195,26 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         print(f"dni-async train: {cfg.mode}, {cfg.n_stages} stage processes + coordinator, "
               f"{cfg.transport}, widths {cfg.widths}, run folder {spec.run_dir}", flush=True)
     sup = Supervisor(spec, quiet=quiet)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Installed explicitly: a shell that starts `train` in the background leaves SIGINT
+    # ignored, yet SIGINT to `train` is its documented "stop in order".
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     status, who = EXIT_FAILED, None
     try:
         sup.start()
         status, who = sup.watch()
     except KeyboardInterrupt:
+        _hold_signals(previous)   # a second Ctrl-C must not cut the orderly stop short
         status, who = EXIT_INTERRUPTED, None
         print("dni-async: interrupted; checkpointing and stopping every process", file=sys.stderr)
         sup.interrupt_coordinator()
     finally:
+        _hold_signals(previous)   # cleanup is bounded (GRACE_S, then SIGKILL): let it finish
         sup.stop_all()
         remove_ipc_files(spec.endpoints)
         if ipc_dir:
             shutil.rmtree(ipc_dir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if status == EXIT_INTERRUPTED:
         stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
         where = stopped.get("checkpoint")
@@ -251,6 +256,11 @@ def _describe_exit(status: int) -> str:
         except ValueError:
             return f"was killed by signal {-status}"
     return f"exited with status {status}"
+
+
+def _hold_signals(signals) -> None:
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _raise_interrupt(signum, frame):

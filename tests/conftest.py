@@ -49,6 +49,11 @@ def wait_for_spec(run_dir, proc, settle: float = 1.0) -> dict:
     return json.loads((run_dir / "config.json").read_text())
 
 
+# How long a test's sockets may take to hand their messages to a run that is slow to start
+# (ZeroMQ drops what is still queued when a socket's linger runs out).
+DELIVERY_MS = 30_000
+
+
 def delivered_before_the_end(ctx, proc) -> None:
     """Counting every message is only a fair claim for messages that arrived while the run was
     still reading: wait until ZeroMQ has handed every one over, then check the run is alive."""

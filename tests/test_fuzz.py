@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from conftest import ROOT, delivered_before_the_end, end_run, wait_for_spec
+from conftest import DELIVERY_MS, ROOT, delivered_before_the_end, end_run, wait_for_spec
 from dni_async import reference, wire
 from dni_async.config import make_config
 
@@ -69,7 +69,7 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
             s.connect(endpoint)
             for _ in range(PER_SOCKET):
                 s.send_multipart(malformed(run_id, rng, 24))
-            s.close(linger=5000)
+            s.close(linger=DELIVERY_MS)
             sent[who] = sent.get(who, 0) + PER_SOCKET
         # A frame above the socket's size cap never reaches the process: ZeroMQ drops the
         # connection on its own (ZMQ_MAXMSGSIZE), so it is refused rather than counted.
@@ -112,8 +112,8 @@ def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
             wire.send(res, run_id, "evalres", 1000 * (step % 7), meta={"sums": bad_sums})
             wire.send(res, run_id, "loss", step, meta={"sums": bad_sums})
             to_coordinator += 2
-        grad.close(linger=5000)
-        res.close(linger=5000)
+        grad.close(linger=DELIVERY_MS)
+        res.close(linger=DELIVERY_MS)
         delivered_before_the_end(ctx, proc)
         out, err = proc.communicate(timeout=120)
     finally:

@@ -6,17 +6,19 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from conftest import ROOT, procs_mentioning, wait_gone
 
 LONG_RUN = ["--mode", "cdni", "--epochs", "1000"]
 
 
-def start_train(run_dir, *flags, env=None):
+def start_train(run_dir, *flags, env=None, sigint=signal.SIG_DFL):
     return subprocess.Popen(
         [sys.executable, "-m", "dni_async", "train", "--run-dir", str(run_dir), *flags],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, env=dict(os.environ, **(env or {})))
+        start_new_session=True, env=dict(os.environ, **(env or {})),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def wait_running(run_dir, n_procs, timeout=30):
@@ -39,8 +41,10 @@ def finish(proc, timeout):
     return proc.returncode, err
 
 
-def test_ctrl_c_stops_every_process_within_2_s(no_leftovers):
-    proc = start_train(no_leftovers, *LONG_RUN)
+# A shell starts background jobs with SIGINT ignored; SIGINT to `train` must still stop it.
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
+def test_ctrl_c_stops_every_process_within_2_s(no_leftovers, inherited):
+    proc = start_train(no_leftovers, *LONG_RUN, sigint=inherited)
     wait_running(no_leftovers, 4)
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)          # what a terminal's Ctrl-C does
