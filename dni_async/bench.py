@@ -11,10 +11,12 @@ Method (docs/benchmarks.md):
   every mode alike; every run builds the same weights from the same seed and data;
 - samples/s in the steady state: training samples of the epochs after `--warmup` divided by
   their training seconds (evaluation is excluded), median over repeats;
-- per stage, busy seconds per batch t_k = (forward + generator + update) / batches; with
-  P = os.cpu_count() cores a pipeline cannot beat 1 / max(max_k t_k, sum_k t_k / P) batches
-  per second; efficiency = measured / that bound. Lockstep modes
-  cannot overlap at all, so their own bound is 1 / sum_k t_k (reported too). The same bounds
+- per stage, busy seconds per batch t_k = (forward + backward + generator + update) / batches;
+  with P = os.cpu_count() cores a pipeline cannot beat 1 / max(max_k t_k, sum_k t_k / P)
+  batches per second; efficiency = measured / that bound. Lockstep backprop has one batch in
+  flight, and a stage's update runs beside the backward of the stages upstream of it; its own
+  bound also counts its period were messages free (`lockstep_period`), reported too. The same
+  bounds
   again with t_k timed alone: each stage's per-batch work, one stage at a time, in a fresh
   process with one BLAS thread (`alone` in the JSON);
 - two rows without processes: the single-process reference (backprop) with one BLAS thread
@@ -45,8 +47,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 EXIT_BAD_INPUT = 2
-LOCKSTEP = ("backprop", "gpipe")
-COMPUTE = ("forward", "update", "generator")     # busy categories of a training batch
+COMPUTE = ("forward", "backward", "update", "generator")   # busy categories of a training batch
 REFERENCE_TIMEOUT_S = 3600
 
 # Targets of the issue, checked (never asserted) on launch/wide.toml.
@@ -232,7 +233,7 @@ def busy_clock(summary: dict) -> str:
 
 
 def per_batch_busy(summary: dict, cfg: Config, clock: str | None = None) -> list:
-    """t_k: seconds of forward + generator + update per training batch, per stage.
+    """t_k: seconds of forward + backward + generator + update per training batch, per stage.
 
     CPU seconds when the stages report them (a stage preempted by other work on the machine
     then does not count the time it did not run), else wall seconds inside the spans."""
@@ -246,14 +247,47 @@ def per_batch_busy(summary: dict, cfg: Config, clock: str | None = None) -> list
     return out
 
 
-def bounds(t: list, batch_size: int, cores: int) -> dict:
-    """The ideal bound: 1 / max(max t_k, sum t_k / P) batches/s; lockstep: 1 / sum t_k."""
+def bounds(t: list, batch_size: int, cores: int, parts: tuple | None = None) -> dict:
+    """The ideal bound: 1 / max(max t_k, sum t_k / P) batches/s.
+
+    Lockstep backprop's own, given `parts` = per-stage seconds (forward, backward, update):
+    one batch in flight, so it cannot beat the period `lockstep_period` finds either."""
     if not t or sum(t) <= 0:
         return {"bound_samples_per_s": 0.0, "lockstep_bound_samples_per_s": 0.0}
     limit = max(max(t), sum(t) / cores)
+    chain = lockstep_period(*parts) if parts else sum(t)
     return {"bound_samples_per_s": batch_size / limit,
             "bound_limited_by": "slowest stage" if max(t) >= sum(t) / cores else "cores",
-            "lockstep_bound_samples_per_s": batch_size / sum(t)}
+            "lockstep_chain_ms": 1000 * chain,
+            "lockstep_bound_samples_per_s": batch_size / max(chain, limit)}
+
+
+def lockstep_period(f: list, b: list, u: list, batches: int = 4) -> float:
+    """Seconds per batch of lockstep backprop were messages free: stage k's forward f_k,
+    backward b_k (its delta and dL/dx, sent upstream at once) and update u_k. A stage updates
+    while the stages upstream carry on backward; the next batch leaves once stage 0 has updated,
+    and its forward at stage k waits until stage k's update is done."""
+    n = len(f)
+    done = [0.0] * n                   # when each stage finished its last update
+    start, starts = 0.0, []
+    for _ in range(batches):
+        starts.append(start)
+        clock = start
+        for k in range(n):
+            clock = max(clock, done[k]) + f[k]
+        for k in reversed(range(n)):
+            clock += b[k]
+            done[k] = clock + u[k]
+        start = done[0]
+    return starts[-1] - starts[-2]
+
+
+def per_batch_parts(summary: dict, cfg: Config, clock: str | None = None) -> tuple:
+    """Per stage, seconds per batch of (forward, backward, update): lockstep backprop's parts."""
+    clock = clock or busy_clock(summary)
+    key = "cpu_times" if clock == "cpu" else "times"
+    return tuple([s[key].get(c, 0.0) / s["batches"] if s["batches"] else 0.0
+                  for s in summary["stages"]] for c in ("forward", "backward", "update"))
 
 
 def time_to(history: list, target) -> float | None:
@@ -338,10 +372,11 @@ def calibrate_worker(cfg: Config, reps: int = 7) -> dict:
         hs.append(m.forward(hs[-1]))
     grads = [(np.random.RandomState(k).randn(*hs[k + 1].shape) * 1e-3).astype(hs[k + 1].dtype)
              for k in range(n)]
-    wall, cpu = [], []
+    wall, cpu, parts = [], [], []
     for k, m in enumerate(models):
         xk, gk, last, need = hs[k], grads[k], k == n - 1, k > 0
         step = [0]
+        split = []     # backprop: wall seconds of forward, backward, update, as a stage times them
 
         def work():
             step[0] += 1
@@ -359,16 +394,19 @@ def calibrate_worker(cfg: Config, reps: int = 7) -> dict:
                     acc = [gW, gb] if acc is None else [acc[0] + gW,
                                                         None if gb is None else acc[1] + gb]
                 m.layer.apply(acc[0], acc[1], m.lr)
-            elif last:
-                h = m.forward(xk)
-                m.backward_from_loss(xk, h, y, need_grad_input=need)
-            elif cfg.decoupled:
+            elif cfg.decoupled and not last:
                 h = m.forward(xk)
                 m.synthetic_update(step[0], xk, h, y, need_grad_input=need)
                 m.apply_target(step[0], gk)
-            else:
+            else:                              # backprop in the three parts a stage times
+                t1 = time.perf_counter()
                 h = m.forward(xk)
-                m.backward(xk, h, gk, need_grad_input=need)
+                t2 = time.perf_counter()
+                delta, _ = (m.loss_delta(h, y, need_grad_input=need) if last
+                            else m.true_delta(h, gk, need_grad_input=need))
+                t3 = time.perf_counter()
+                m.apply(xk, delta)
+                split.append((t2 - t1, t3 - t2, time.perf_counter() - t3))
 
         ws, cs = [], []
         for i in range(reps + 2):          # two warm-up repetitions
@@ -379,7 +417,12 @@ def calibrate_worker(cfg: Config, reps: int = 7) -> dict:
                 cs.append(time.thread_time() - c0)
         wall.append(statistics.median(ws))
         cpu.append(statistics.median(cs))
-    return {"stage_batch_ms": [1000 * t for t in wall], "stage_batch_cpu_ms": [1000 * t for t in cpu]}
+        parts.append([1000 * statistics.median(p[i] for p in split[2:]) if split[2:] else 0.0
+                      for i in range(3)])
+    out = {"stage_batch_ms": [1000 * t for t in wall], "stage_batch_cpu_ms": [1000 * t for t in cpu]}
+    if not cfg.decoupled and cfg.mode != "gpipe":
+        out["stage_parts_ms"] = parts     # per stage: forward, backward, update
+    return out
 
 
 def calibrate(cfg: Config, folder: str, timeout_s: float = 600) -> dict:
@@ -397,7 +440,9 @@ def add_alone(row: dict, alone: dict, batch_size: int, cores: int) -> None:
     """Bounds from the stages' work timed alone: what the pipeline could do with nothing in
     its way (no other process sharing a core, no transport)."""
     t = [x / 1000 for x in alone["stage_batch_ms"]]
-    b = bounds(t, batch_size, cores)
+    parts = alone.get("stage_parts_ms")
+    b = bounds(t, batch_size, cores,
+               tuple([p[i] / 1000 for p in parts] for i in range(3)) if parts else None)
     rate = row["samples_per_s"]
     row["alone"] = {**alone, **b,
                     "efficiency": rate / b["bound_samples_per_s"] if b["bound_samples_per_s"]
@@ -423,7 +468,12 @@ def summarize_mode(cfg: Config, runs: list, warmup: int, cores: int, target, met
                                                        for r in runs))]
     busy = [statistics.median(col) for col in zip(*(r["stage_busy"] for r in runs))]
     rate = statistics.median(rates)
-    b = bounds(t, cfg.batch_size, cores)
+    parts = None
+    if cfg.mode == "backprop":
+        each = [per_batch_parts(r, cfg, clock) for r in runs]
+        parts = tuple([statistics.median(col) for col in zip(*(e[i] for e in each))]
+                      for i in range(3))
+    b = bounds(t, cfg.batch_size, cores, parts)
     out = {
         "samples_per_s": rate,
         "samples_per_s_repeats": rates,
@@ -444,7 +494,8 @@ def summarize_mode(cfg: Config, runs: list, warmup: int, cores: int, target, met
         "weights_sha256": runs[0]["weights_sha256"],
         "bad_messages": sum(sum(r["bad_messages"].values()) for r in runs),
     }
-    if cfg.mode in LOCKSTEP:
+    if cfg.mode == "backprop":
+        out["stage_parts_ms"] = [[1000 * p[k] for p in parts] for k in range(len(t))]
         lb = b["lockstep_bound_samples_per_s"]
         out["lockstep_efficiency"] = rate / lb if lb else None
     if cfg.decoupled:
@@ -750,7 +801,7 @@ def modes_text(res: dict, warmup: int, repeats: int, cores: int) -> str:
                      f"{_fmt(r['final_metric'], '.4f'):>20}")
     clock = {r["busy_clock"] for r in results.values()}
     clock = "thread CPU" if clock == {"cpu"} else "wall"
-    lines += ["", "t_k, busy ms per batch per stage (forward + generator + update):",
+    lines += ["", "t_k, busy ms per batch per stage (forward + backward + generator + update):",
               f"  {'':<9} in the stage processes ({clock} time)"
               + ("          the same work alone, one process" if alone else "")]
     for m, r in results.items():
@@ -758,24 +809,23 @@ def modes_text(res: dict, warmup: int, repeats: int, cores: int) -> str:
         if alone:
             line += f"    {_ms(r['alone']['stage_batch_ms'])}"
         lines.append(line)
-    lock = [m for m in results if m in LOCKSTEP]
-    if lock:
-        lines += ["", "lockstep modes cannot overlap stages; their own bound is batch / sum t_k:"]
-        for m in lock:
-            r = results[m]
-            line = (f"  {m:<9} {r['lockstep_bound_samples_per_s']:>9,.0f}/s "
-                    f"(measured = {_fmt(r['lockstep_efficiency'], '.0%')})")
-            if alone:
-                a = r["alone"]
-                line += (f", alone {a['lockstep_bound_samples_per_s']:,.0f}/s "
-                         f"(measured = {_fmt(a['lockstep_efficiency'], '.0%')})")
-            lines.append(line)
     if "backprop" in results:
         r = results["backprop"]
         n = len(r["stage_batch_ms"])
-        compute = sum(r["stage_batch_ms_wall"])
-        lines.append(f"  backprop is serial: {r['batch_ms']:.1f} ms per batch = {compute:.1f} ms "
-                     f"computing + {r['batch_ms'] - compute:.1f} ms in its {2 * n} hops "
+        lines += ["", "lockstep backprop has one batch in flight; a stage updates while the "
+                  "stages upstream carry on backward, so its own bound is",
+                  "batch / max(chain, sum t_k / cores, max t_k), chain = its period per batch "
+                  "were messages free:",
+                  f"  backprop  {r['lockstep_bound_samples_per_s']:>9,.0f}/s "
+                  f"(measured = {_fmt(r['lockstep_efficiency'], '.0%')})"
+                  + (f", alone {r['alone']['lockstep_bound_samples_per_s']:,.0f}/s (measured = "
+                     f"{_fmt(r['alone']['lockstep_efficiency'], '.0%')})" if alone else "")]
+        ms = r["batch_ms"]
+        chain = r["lockstep_chain_ms"]
+        upd = sum(p[2] for p in r["stage_parts_ms"][1:])
+        lines.append(f"  per batch {ms:.1f} ms: a chain of {chain:.1f} ms computing (of "
+                     f"{sum(r['stage_batch_ms']):.1f} ms in all; {upd:.1f} ms of updates in "
+                     f"stages 1..{n - 1}), the rest ({ms - chain:.1f} ms) in its {2 * n} hops "
                      "between processes (send, wake, receive)")
     lines += [
         "",
@@ -831,10 +881,10 @@ def targets_text(ts: list) -> str:
 
 
 def own_bound(mode: str, row: dict) -> float:
-    """A mode's own bound, from t_k timed alone when measured: batch / sum t_k for a lockstep
-    mode (it cannot overlap stages), the ideal pipeline bound for a decoupled one."""
+    """A mode's own bound, from t_k timed alone when measured: lockstep backprop's (one batch in
+    flight), the ideal pipeline bound for every other mode."""
     src = row.get("alone") or row
-    return src["lockstep_bound_samples_per_s" if mode in LOCKSTEP else "bound_samples_per_s"]
+    return src["lockstep_bound_samples_per_s" if mode == "backprop" else "bound_samples_per_s"]
 
 
 def sweep_text(sw: dict) -> str:
@@ -852,8 +902,8 @@ def sweep_text(sw: dict) -> str:
             line += f"{r['samples_per_s']:>14,.0f}{b:>11,.0f}{share:>7}"
         line += "".join(f"{_fmt(p['modes'][m].get('speedup'), '.2f'):>9}x" for m in vs)
         lines.append(line)
-    lines.append("bound: each mode's own, from t_k timed alone: batch / sum t_k for lockstep "
-                 "modes, batch / max(max t_k, sum t_k / cores) for decoupled ones;")
+    lines.append("bound: each mode's own, from t_k timed alone: batch / max(max t_k, "
+                 "sum t_k / cores), and for backprop the chain of one batch in flight too;")
     lines.append("share = measured / bound: low where moving data between processes, not "
                  "computing, sets the pace")
     return "\n".join(lines)

@@ -298,17 +298,21 @@ class Stage:
 
     def _last_stage_step(self, step, x, h, y, meta) -> None:
         need_g = self.rank > 0
-        if self.cfg.mode == "gpipe":
-            m = self.cfg.micro_batches
-            with self.clock.span("update", step):
-                g, delta = self.model.micro_backward_from_loss(step // m, x, h, y, m,
-                                                               need_grad_input=need_g)
-        else:
-            with self.clock.span("update", step):
-                g, delta = self.model.backward_from_loss(x, h, y, need_grad_input=need_g)
-        self._send(self.grad_out, "grad", step, [g], meta=meta)
+        with self.clock.span("backward", step):
+            delta, g = self.model.loss_delta(h, y, need_grad_input=need_g)
+        if need_g:      # upstream starts its backward while this stage updates
+            self._send(self.grad_out, "grad", step, [g], meta=meta)
+        self._apply(step, x, delta)
         sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y, delta)
         self._send(self.results, "loss", step, meta={**meta, "sums": sums})
+
+    def _apply(self, step, x, delta) -> None:
+        with self.clock.span("update", step):
+            if self.cfg.mode == "gpipe":
+                m = self.cfg.micro_batches
+                self.model.micro_apply(step // m, x, delta, m)
+            else:
+                self.model.apply(x, delta)
 
     def _on_grad(self, msg) -> None:
         if not self._accept(msg, ("grad",), (self.cfg.widths[self.rank + 1],)):
@@ -333,15 +337,12 @@ class Stage:
             return
         x, h, meta = entry
         need_g = self.rank > 0
-        with self.clock.span("update", step):
-            if self.cfg.mode == "gpipe":
-                m = self.cfg.micro_batches
-                g_prev = self.model.micro_backward(step // m, x, h, g, m, need_grad_input=need_g)
-            else:
-                g_prev = self.model.backward(x, h, g, need_grad_input=need_g)
-        if need_g:
+        with self.clock.span("backward", step):
+            delta, g_prev = self.model.true_delta(h, g, need_grad_input=need_g)
+        if need_g:      # upstream starts its backward while this stage updates
             self._send(self.grad_out, "grad", step, [g_prev], meta=meta)
-        else:
+        self._apply(step, x, delta)
+        if not need_g:
             self._send(self.results, "done", step, meta=meta)
 
 

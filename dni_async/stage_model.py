@@ -4,7 +4,7 @@ A stage owns one dense layer and, when it is not the last stage of a decoupled r
 synthetic-gradient generator. Nothing here knows about sockets: the same calls, in the same
 order, give the same numbers in one process or in N.
 
-backprop:  forward -> (wait for dL/dh) -> backward: send dL/dx upstream, update W.
+backprop:  forward -> (wait for dL/dh) -> true_delta -> send dL/dx upstream -> apply (update W).
 dni/cdni:  forward -> synthetic_update: update W from g_hat = M(context), send the bootstrapped
            target delta_hat @ W.T upstream -> later, apply_target(step, target) trains M.
 last stage (any mode): backward_from_loss, the true gradient.
@@ -48,19 +48,34 @@ class StageModel:
         return self.layer.forward(x)
 
     # -- true gradients -------------------------------------------------------------------
+    # Each rule is two halves: the delta and dL/dx first, the weight update second. A stage
+    # process sends dL/dx upstream between the halves, so the previous stage's backward runs
+    # while this one updates; called back to back they are plain backprop.
+
+    def true_delta(self, h, g, *, need_grad_input: bool = True):
+        """From dL/dh = g: (delta, dL/dx), dL/dx None when not needed."""
+        delta = self.layer.delta(h, g)
+        return delta, self.layer.grad_input(delta) if need_grad_input else None
+
+    def loss_delta(self, h, y, *, need_grad_input: bool = True):
+        """Last stage: (delta_out, dL/dx) from the loss, the true gradient."""
+        delta = nn.output_delta(self.loss, self.layer.activation, h, y)
+        return delta, self.layer.grad_input(delta) if need_grad_input else None
+
+    def apply(self, x, delta) -> None:
+        """The weight update for one batch's delta."""
+        self.layer.update(x, delta, self.lr)
 
     def backward(self, x, h, g, *, need_grad_input: bool = True):
         """Backprop step from dL/dh = g; returns dL/dx (None when not needed)."""
-        delta = self.layer.delta(h, g)
-        g_prev = self.layer.grad_input(delta) if need_grad_input else None
-        self.layer.update(x, delta, self.lr)
+        delta, g_prev = self.true_delta(h, g, need_grad_input=need_grad_input)
+        self.apply(x, delta)
         return g_prev
 
     def backward_from_loss(self, x, h, y, *, need_grad_input: bool = True):
         """Last stage: the true gradient from the loss. Returns (dL/dx, delta_out)."""
-        delta = nn.output_delta(self.loss, self.layer.activation, h, y)
-        g_prev = self.layer.grad_input(delta) if need_grad_input else None
-        self.layer.update(x, delta, self.lr)
+        delta, g_prev = self.loss_delta(h, y, need_grad_input=need_grad_input)
+        self.apply(x, delta)
         return g_prev, delta
 
     # -- gpipe: micro-batches, gradients summed, one update per batch ----------------------
@@ -68,14 +83,17 @@ class StageModel:
     def micro_backward(self, batch: int, x, h, g, of: int, *, need_grad_input: bool = True):
         """Like `backward`, but only sums the gradient; the update comes with the batch's
         last micro-batch. Micro-batches arrive in order, so the sum's order is fixed."""
-        return self._micro(batch, x, self.layer.delta(h, g), of, need_grad_input)
+        delta, g_prev = self.true_delta(h, g, need_grad_input=need_grad_input)
+        self.micro_apply(batch, x, delta, of)
+        return g_prev
 
     def micro_backward_from_loss(self, batch: int, x, h, y, of: int, *, need_grad_input=True):
-        delta = nn.output_delta(self.loss, self.layer.activation, h, y)
-        return self._micro(batch, x, delta, of, need_grad_input), delta
+        delta, g_prev = self.loss_delta(h, y, need_grad_input=need_grad_input)
+        self.micro_apply(batch, x, delta, of)
+        return g_prev, delta
 
-    def _micro(self, batch: int, x, delta, of: int, need_grad_input: bool):
-        g_prev = self.layer.grad_input(delta) if need_grad_input else None
+    def micro_apply(self, batch: int, x, delta, of: int) -> None:
+        """Add one micro-batch's gradient to its batch's sum; update with the last one."""
         gW, gb = self.layer.gradients(x, delta)
         if self.accum is None or self.accum[0] != batch:
             self.accum = [batch, gW, gb, 1]      # a new batch: whatever was summed is gone
@@ -85,7 +103,6 @@ class StageModel:
         if self.accum[3] == of:
             self.layer.apply(self.accum[1], self.accum[2], self.lr)
             self.accum = None
-        return g_prev
 
     # -- synthetic gradients --------------------------------------------------------------
 

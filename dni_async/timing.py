@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-CATEGORIES = ("forward", "update", "generator", "send", "wait", "eval")
+CATEGORIES = ("forward", "backward", "update", "generator", "send", "wait", "eval")
 
 
 class Clock:

@@ -31,6 +31,23 @@ def test_bound_is_the_slowest_stage_or_the_cores():
     assert b["bound_limited_by"] == "cores"
 
 
+def test_lockstep_period_lets_updates_run_beside_the_stages_upstream():
+    # stage 0 is light, stages 1 and 2 heavy: (forward, backward, update) ms per stage
+    f, b, u = [1, 4, 4, 1], [0.5, 4, 4, 1], [1, 4, 4, 1]
+    # forward 10, backward 1 + 4 + 4 + 0.5, stage 0's update 1: 20.5 ms; but the next batch
+    # reaches stage 1 (0.5 + 1 + 1 ms after stage 1's backward) before stage 1's update is
+    # done (4 ms after it) and waits 1.5 ms: a period of 22 ms, against 29.5 one at a time
+    assert bench.lockstep_period(f, b, u) == pytest.approx(22)
+    assert bench.lockstep_period(f, b, [0] * 4) == pytest.approx(19.5)
+    t = [(fk + bk + uk) / 1000 for fk, bk, uk in zip(f, b, u)]
+    ms = tuple([x / 1000 for x in p] for p in (f, b, u))
+    got = bench.bounds(t, batch_size=100, cores=2, parts=ms)
+    assert got["lockstep_chain_ms"] == pytest.approx(22)
+    assert got["lockstep_bound_samples_per_s"] == pytest.approx(100 / 0.022)
+    # no stage can update beside anything when every part is in one place: the period is the sum
+    assert bench.lockstep_period([1], [2], [3]) == pytest.approx(6)
+
+
 def test_steady_rate_leaves_out_the_warmup_epochs():
     hist = [{"seconds": 5.0}, {"seconds": 6.0}, {"seconds": 7.0}]
     assert bench.steady_rate(hist, 1, 100) == pytest.approx(200 / 2.0)
@@ -81,6 +98,10 @@ def test_bench_tiny_prints_a_table_and_writes_every_key(tmp_path, capsys):
         assert len(r["stage_busy"]) == 3 and all(0 <= b <= 1 for b in r["stage_busy"])
         assert r["bad_messages"] == 0
     assert doc["modes"]["backprop"]["speedup"] == pytest.approx(1.0)
+    # lockstep: per stage forward, backward, update; the chain is shorter than their sum
+    bp = doc["modes"]["backprop"]
+    assert len(bp["stage_parts_ms"]) == 3 and all(min(p) > 0 for p in bp["stage_parts_ms"])
+    assert 0 < bp["lockstep_chain_ms"] < sum(bp["stage_batch_ms"])
     for r in doc["modes"].values():    # the same work timed alone, one stage at a time
         assert len(r["alone"]["stage_batch_ms"]) == 3 and r["alone"]["bound_samples_per_s"] > 0
     for key in ("reference", "reference_all_cores"):
@@ -115,6 +136,7 @@ def test_bench_trace_sweep_and_plots(tmp_path, capsys):
     events = json.loads(tr.read_text())["traceEvents"]
     titles = {e["args"]["name"] for e in events if e["name"] == "process_name"}
     assert {"backprop stage-0", "cdni stage-2", "cdni coordinator"} <= titles
+    assert {"forward", "backward", "update", "send"} <= {e["name"] for e in events}
     pts = doc["sweep"]["points"]
     assert [p["value"] for p in pts] == [8, 16]
     assert all(set(p["modes"]) == {"backprop", "cdni"} for p in pts)
