@@ -253,7 +253,8 @@ def bounds(t: list, batch_size: int, cores: int, parts: tuple | None = None) -> 
     Lockstep backprop's own, given `parts` = per-stage seconds (forward, backward, update):
     one batch in flight, so it cannot beat the period `lockstep_period` finds either."""
     if not t or sum(t) <= 0:
-        return {"bound_samples_per_s": 0.0, "lockstep_bound_samples_per_s": 0.0}
+        return {"bound_samples_per_s": 0.0, "lockstep_bound_samples_per_s": 0.0,
+                "lockstep_chain_ms": 0.0}
     limit = max(max(t), sum(t) / cores)
     chain = lockstep_period(*parts) if parts else sum(t)
     return {"bound_samples_per_s": batch_size / limit,
@@ -265,7 +266,8 @@ def bounds(t: list, batch_size: int, cores: int, parts: tuple | None = None) -> 
 def lockstep_period(f: list, b: list, u: list, batches: int = 4) -> float:
     """Seconds per batch of lockstep backprop were messages free: stage k's forward f_k,
     backward b_k (its delta and dL/dx, sent upstream at once) and update u_k. A stage updates
-    while the stages upstream carry on backward; the next batch leaves once stage 0 has updated,
+    while the stages upstream carry on backward; the next batch leaves once the coordinator has
+    both stage 0's `done` and the last stage's `loss` (each sent after that stage's update),
     and its forward at stage k waits until stage k's update is done."""
     n = len(f)
     done = [0.0] * n                   # when each stage finished its last update
@@ -278,7 +280,7 @@ def lockstep_period(f: list, b: list, u: list, batches: int = 4) -> float:
         for k in reversed(range(n)):
             clock += b[k]
             done[k] = clock + u[k]
-        start = done[0]
+        start = max(done[0], done[-1])
     return starts[-1] - starts[-2]
 
 

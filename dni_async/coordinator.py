@@ -171,8 +171,8 @@ class Coordinator:
             if msg.step % m == m - 1:     # gpipe: a batch is done with its last micro-batch
                 self.completed_steps += 1
 
-    def _read_ready(self, timeout_ms: int) -> None:
-        ready = dict(self.poller.poll(timeout_ms))
+    def _handle(self, ready: dict) -> None:
+        """Read what `poller.poll` found waiting, control first."""
         if self.control in ready:
             _drain(self.control, self._on_control)
         if self.results in ready:
@@ -181,7 +181,8 @@ class Coordinator:
     def pump(self, timeout_s: float) -> None:
         """Handle whatever arrives within `timeout_s`; heartbeats out; liveness checked."""
         with self.clock.span("wait"):
-            self._read_ready(int(timeout_s * 1000))
+            ready = dict(self.poller.poll(int(timeout_s * 1000)))
+        self._handle(ready)
         now = time.monotonic()
         if now >= self.next_beat:
             self._broadcast("heartbeat")
@@ -203,7 +204,8 @@ class Coordinator:
                 missing = sorted(set(range(self.n)) - set(self.pids))
                 raise StageLost(f"stage(s) {missing} did not say hello within "
                                 f"{self.cfg.startup_timeout_s:.0f} s")
-            self._read_ready(100)      # results too: whatever arrives early is counted, not left queued
+            # results too: whatever arrives this early is counted, not left queued
+            self._handle(dict(self.poller.poll(100)))
         self._broadcast("start")
         self.next_beat = time.monotonic() + self.cfg.heartbeat_s
 

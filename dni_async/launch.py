@@ -150,7 +150,7 @@ class Supervisor:
     def stop_all(self, grace: float = GRACE_S) -> None:
         """SIGTERM everyone (the coordinator first, so it can record where the run stood),
         then SIGKILL whoever is still there after `grace` seconds."""
-        alive = [p for p in self.procs.values() if p.poll() is None]
+        alive = [p for p in self.procs.values() if p is not None and p.poll() is None]
         for p in alive:
             try:
                 p.send_signal(signal.SIGTERM)

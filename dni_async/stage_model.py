@@ -7,7 +7,8 @@ order, give the same numbers in one process or in N.
 backprop:  forward -> (wait for dL/dh) -> true_delta -> send dL/dx upstream -> apply (update W).
 dni/cdni:  forward -> synthetic_update: update W from g_hat = M(context), send the bootstrapped
            target delta_hat @ W.T upstream -> later, apply_target(step, target) trains M.
-last stage (any mode): backward_from_loss, the true gradient.
+last stage (any mode): loss_delta (the true gradient) -> send dL/dx upstream -> apply;
+           `backward_from_loss` is the two together.
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ def test_lockstep_period_lets_updates_run_beside_the_stages_upstream():
     assert got["lockstep_bound_samples_per_s"] == pytest.approx(100 / 0.022)
     # no stage can update beside anything when every part is in one place: the period is the sum
     assert bench.lockstep_period([1], [2], [3]) == pytest.approx(6)
+    # the next batch also waits for the last stage's loss, sent after its (here long) update
+    assert bench.lockstep_period([1, 1], [0.1, 1], [0.1, 10]) == pytest.approx(13)
 
 
 def test_steady_rate_leaves_out_the_warmup_epochs():

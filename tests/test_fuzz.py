@@ -14,7 +14,7 @@ from conftest import DELIVERY_MS, ROOT, delivered_before_the_end, end_run, wait_
 from dni_async import reference, wire
 from dni_async.config import make_config
 
-EPOCHS = 40
+EPOCHS = 80          # long enough to outlast the sending, and the 64 MiB frame's linger
 PER_SOCKET = 600
 
 
