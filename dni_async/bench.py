@@ -15,7 +15,7 @@ Method (docs/benchmarks.md):
   with P = os.cpu_count() cores a pipeline cannot beat 1 / max(max_k t_k, sum_k t_k / P)
   batches per second; efficiency = measured / that bound. Lockstep backprop has one batch in
   flight, and a stage's update runs beside the backward of the stages upstream of it; its own
-  bound also counts its period were messages free (`lockstep_period`), reported too. The same
+  bound also counts its period were messages free (`bounds.lockstep_period`), reported too. The same
   bounds
   again with t_k timed alone: each stage's per-batch work, one stage at a time, in a fresh
   process with one BLAS thread (`alone` in the JSON);
@@ -39,6 +39,9 @@ import sys
 import time
 
 from dni_async import launch, report
+from dni_async.bench_report import (describe_layout, fmt, modes_text, sweep_text, targets,
+                                    targets_text)
+from dni_async.bounds import bounds, busy_clock, per_batch_busy, per_batch_parts
 from dni_async.config import MODES, Config, ConfigError, load_toml, make_config
 
 try:  # Python 3.11+
@@ -47,11 +50,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 EXIT_BAD_INPUT = 2
-COMPUTE = ("forward", "backward", "update", "generator")   # busy categories of a training batch
 REFERENCE_TIMEOUT_S = 3600
-
-# Targets of the issue, checked (never asserted) on launch/wide.toml.
-GOAL_SPEEDUP, GOAL_EFFICIENCY, GOAL_LOCKSTEP_COST, GOAL_WIRE = 1.6, 0.85, 1.15, 0.80
 
 
 class BenchFailed(RuntimeError):
@@ -225,71 +224,6 @@ def steady_rate(history: list, warmup: int, samples_per_epoch: int) -> float:
     w = warmup if len(history) > warmup else 0
     seconds = history[-1]["seconds"] - (history[w - 1]["seconds"] if w else 0.0)
     return (len(history) - w) * samples_per_epoch / seconds if seconds > 0 else 0.0
-
-
-def busy_clock(summary: dict) -> str:
-    """'cpu' when every stage reports thread CPU seconds per category, else 'wall'."""
-    return "cpu" if all(s.get("cpu_times") for s in summary["stages"]) else "wall"
-
-
-def per_batch_busy(summary: dict, cfg: Config, clock: str | None = None) -> list:
-    """t_k: seconds of forward + backward + generator + update per training batch, per stage.
-
-    CPU seconds when the stages report them (a stage preempted by other work on the machine
-    then does not count the time it did not run), else wall seconds inside the spans."""
-    clock = clock or busy_clock(summary)
-    key = "cpu_times" if clock == "cpu" else "times"
-    per = cfg.micro_batches if cfg.mode == "gpipe" else 1
-    out = []
-    for s in summary["stages"]:
-        batches = s["batches"] / per
-        out.append(sum(s[key].get(c, 0.0) for c in COMPUTE) / batches if batches else 0.0)
-    return out
-
-
-def bounds(t: list, batch_size: int, cores: int, parts: tuple | None = None) -> dict:
-    """The ideal bound: 1 / max(max t_k, sum t_k / P) batches/s.
-
-    Lockstep backprop's own, given `parts` = per-stage seconds (forward, backward, update):
-    one batch in flight, so it cannot beat the period `lockstep_period` finds either."""
-    if not t or sum(t) <= 0:
-        return {"bound_samples_per_s": 0.0, "lockstep_bound_samples_per_s": 0.0,
-                "lockstep_chain_ms": 0.0}
-    limit = max(max(t), sum(t) / cores)
-    chain = lockstep_period(*parts) if parts else sum(t)
-    return {"bound_samples_per_s": batch_size / limit,
-            "bound_limited_by": "slowest stage" if max(t) >= sum(t) / cores else "cores",
-            "lockstep_chain_ms": 1000 * chain,
-            "lockstep_bound_samples_per_s": batch_size / max(chain, limit)}
-
-
-def lockstep_period(f: list, b: list, u: list, batches: int = 4) -> float:
-    """Seconds per batch of lockstep backprop were messages free: stage k's forward f_k,
-    backward b_k (its delta and dL/dx, sent upstream at once) and update u_k. A stage updates
-    while the stages upstream carry on backward; the next batch leaves once the coordinator has
-    both stage 0's `done` and the last stage's `loss` (each sent after that stage's update),
-    and its forward at stage k waits until stage k's update is done."""
-    n = len(f)
-    done = [0.0] * n                   # when each stage finished its last update
-    start, starts = 0.0, []
-    for _ in range(batches):
-        starts.append(start)
-        clock = start
-        for k in range(n):
-            clock = max(clock, done[k]) + f[k]
-        for k in reversed(range(n)):
-            clock += b[k]
-            done[k] = clock + u[k]
-        start = max(done[0], done[-1])
-    return starts[-1] - starts[-2]
-
-
-def per_batch_parts(summary: dict, cfg: Config, clock: str | None = None) -> tuple:
-    """Per stage, seconds per batch of (forward, backward, update): lockstep backprop's parts."""
-    clock = clock or busy_clock(summary)
-    key = "cpu_times" if clock == "cpu" else "times"
-    return tuple([s[key].get(c, 0.0) / s["batches"] if s["batches"] else 0.0
-                  for s in summary["stages"]] for c in ("forward", "backward", "update"))
 
 
 def time_to(history: list, target) -> float | None:
@@ -758,159 +692,6 @@ def _read_span_files(run_dir: str) -> list:
     return trace.read_spans(run_dir)
 
 
-# -- output ------------------------------------------------------------------------------------
-
-def _fmt(v, spec: str, none: str = "-") -> str:
-    return none if v is None else format(v, spec)
-
-
-def describe_layout(cfg: Config) -> str:
-    return (f"{cfg.n_stages} stages, widths {cfg.widths}, batch {cfg.batch_size}, {cfg.dtype}, "
-            f"{cfg.batches_per_epoch()} batches x {cfg.epochs} epochs, "
-            f"activation {','.join(cfg.activation)}, {cfg.dataset}")
-
-
-def _ms(xs: list) -> str:
-    return " ".join(f"{x:6.2f}" for x in xs) + f"  sum {sum(xs):6.2f}"
-
-
-def modes_text(res: dict, warmup: int, repeats: int, cores: int) -> str:
-    results, refs, target, metric = res["results"], res["refs"], res["target"], res["metric"]
-    tname = f"{target[0]} {'<=' if target[0] == 'loss' else '>='} {target[1]:g}" if target else "-"
-    alone = all("alone" in r for r in results.values())
-    head = f"{'mode':<22}{'samples/s':>10}{'speed-up':>9}{'bound/s':>11}{'effic.':>7}"
-    if alone:
-        head += f"{'alone/s':>11}{'effic.':>7}"
-    lines = [head + f"  {'s to ' + tname:>26}{'final ' + metric:>20}"]
-    for m, r in results.items():
-        reached = r["reached_target"]
-        tt = _fmt(r["time_to_target_s"], ".1f", "not reached")
-        if r["time_to_target_s"] is not None and reached < repeats:
-            tt += f" ({reached}/{repeats})"
-        line = (f"{m:<22}{r['samples_per_s']:>10,.0f}{_fmt(r['speedup'], '.2f'):>8}x"
-                f"{r['bound_samples_per_s']:>11,.0f}{_fmt(r['efficiency'], '.0%'):>7}")
-        if alone:
-            a = r["alone"]
-            line += f"{a['bound_samples_per_s']:>11,.0f}{_fmt(a['efficiency'], '.0%'):>7}"
-        lines.append(line + f"  {tt:>26}{_fmt(r['final_metric'], '.4f'):>20}")
-    names = {"reference": "reference, 1 thread", "reference_all_cores":
-             f"reference, {cores} threads"}
-    for key, r in refs.items():
-        pad = 18 + (18 if alone else 0)
-        lines.append(f"{names[key]:<22}{r['samples_per_s']:>10,.0f}"
-                     f"{_fmt(r['speedup'], '.2f'):>8}x{'':>{pad}}  "
-                     f"{_fmt(r['time_to_target_s'], '.1f', 'not reached'):>26}"
-                     f"{_fmt(r['final_metric'], '.4f'):>20}")
-    clock = {r["busy_clock"] for r in results.values()}
-    clock = "thread CPU" if clock == {"cpu"} else "wall"
-    lines += ["", "t_k, busy ms per batch per stage (forward + backward + generator + update):",
-              f"  {'':<9} in the stage processes ({clock} time)"
-              + ("          the same work alone, one process" if alone else "")]
-    for m, r in results.items():
-        line = f"  {m:<9} {_ms(r['stage_batch_ms'])}"
-        if alone:
-            line += f"    {_ms(r['alone']['stage_batch_ms'])}"
-        lines.append(line)
-    if "backprop" in results:
-        r = results["backprop"]
-        n = len(r["stage_batch_ms"])
-        lines += ["", "lockstep backprop has one batch in flight; a stage updates while the "
-                  "stages upstream carry on backward, so its own bound is",
-                  "batch / max(chain, sum t_k / cores, max t_k), chain = its period per batch "
-                  "were messages free:",
-                  f"  backprop  {r['lockstep_bound_samples_per_s']:>9,.0f}/s "
-                  f"(measured = {_fmt(r['lockstep_efficiency'], '.0%')})"
-                  + (f", alone {r['alone']['lockstep_bound_samples_per_s']:,.0f}/s (measured = "
-                     f"{_fmt(r['alone']['lockstep_efficiency'], '.0%')})" if alone else "")]
-        ms = r["batch_ms"]
-        chain = r["lockstep_chain_ms"]
-        upd = sum(p[2] for p in r["stage_parts_ms"][1:])
-        lines.append(f"  per batch {ms:.1f} ms: a chain of {chain:.1f} ms computing (of "
-                     f"{sum(r['stage_batch_ms']):.1f} ms in all; {upd:.1f} ms of updates in "
-                     f"stages 1..{n - 1}), the rest ({ms - chain:.1f} ms) in its {2 * n} hops "
-                     "between processes (send, wake, receive)")
-    lines += [
-        "",
-        f"samples/s: steady state (epochs after the first {warmup}), median of {repeats} "
-        "repeat(s), modes interleaved; speed-up over pipeline backprop.",
-        f"bound/s: batch / max(max t_k, sum t_k / {cores} cores) with t_k from the stage "
-        "processes; effic. = samples/s / bound/s.",
-    ]
-    if alone:
-        lines.append("alone/s: the same bound with t_k timed alone (one stage at a time, one "
-                     "process, one BLAS thread): the work without other processes in its way.")
-    return "\n".join(lines)
-
-
-def targets(res: dict | None, wire_rows: list | None) -> list:
-    out = []
-    if res:
-        r, refs = res["results"], res["refs"]
-        if "cdni" in r and "backprop" in r:
-            out.append({"name": "cdni speed-up over backprop", "value": r["cdni"]["speedup"],
-                        "goal": GOAL_SPEEDUP, "higher_is_better": True})
-        if "cdni" in r and r["cdni"]["efficiency"] is not None:
-            out.append({"name": "cdni share of its bound", "value": r["cdni"]["efficiency"],
-                        "goal": GOAL_EFFICIENCY, "higher_is_better": True})
-        if "cdni" in r and (r["cdni"].get("alone") or {}).get("efficiency") is not None:
-            out.append({"name": "cdni share of its bound, t_k timed alone",
-                        "value": r["cdni"]["alone"]["efficiency"],
-                        "goal": GOAL_EFFICIENCY, "higher_is_better": True})
-        if "backprop" in r and "reference" in refs:
-            cost = refs["reference"]["samples_per_s"] / r["backprop"]["samples_per_s"]
-            out.append({"name": "lockstep pipeline time per batch / 1-thread reference",
-                        "value": cost, "goal": GOAL_LOCKSTEP_COST, "higher_is_better": False})
-    if wire_rows:
-        big = max(wire_rows, key=lambda w: w["bytes"])
-        out.append({"name": f"wire bandwidth at {big['bytes'] >> 20} MiB / raw pyzmq",
-                    "value": big["bandwidth_ratio"], "goal": GOAL_WIRE, "higher_is_better": True})
-    for t in out:
-        v, g = t["value"], t["goal"]
-        t["met"] = v is not None and (v >= g if t["higher_is_better"] else v <= g)
-        t["margin"] = None if v is None else (v / g - 1 if t["higher_is_better"] else g / v - 1)
-    return out
-
-
-def targets_text(ts: list) -> str:
-    lines = ["the project's targets for launch/wide.toml (meaningful for that config only), "
-             "measured in this run:"]
-    for t in ts:
-        op = ">=" if t["higher_is_better"] else "<="
-        state = "met" if t["met"] else "MISSED"
-        lines.append(f"  {t['name']:<56} {t['value']:.2f} (goal {op} {t['goal']:.2f}): {state}, "
-                     f"{abs(t['margin']):.0%} {'over' if t['margin'] >= 0 else 'short'}")
-    return "\n".join(lines)
-
-
-def own_bound(mode: str, row: dict) -> float:
-    """A mode's own bound, from t_k timed alone when measured: lockstep backprop's (one batch in
-    flight), the ideal pipeline bound for every other mode."""
-    src = row.get("alone") or row
-    return src["lockstep_bound_samples_per_s" if mode == "backprop" else "bound_samples_per_s"]
-
-
-def sweep_text(sw: dict) -> str:
-    modes = sw["modes"]
-    head = f"{sw['key']:>8}" + "".join(f"{m + ' /s':>14}{'bound':>11}{'share':>7}" for m in modes)
-    vs = [m for m in modes if m != "backprop"] if "backprop" in modes else []
-    head += "".join(f"{m + ' x':>10}" for m in vs)
-    lines = [head]
-    for p in sw["points"]:
-        line = f"{p['value']:>8}"
-        for m in modes:
-            r = p["modes"][m]
-            b = own_bound(m, r)
-            share = _fmt(r["samples_per_s"] / b if b else None, ".0%")
-            line += f"{r['samples_per_s']:>14,.0f}{b:>11,.0f}{share:>7}"
-        line += "".join(f"{_fmt(p['modes'][m].get('speedup'), '.2f'):>9}x" for m in vs)
-        lines.append(line)
-    lines.append("bound: each mode's own, from t_k timed alone: batch / max(max t_k, "
-                 "sum t_k / cores), and for backprop the chain of one batch in flight too;")
-    lines.append("share = measured / bound: low where moving data between processes, not "
-                 "computing, sets the pace")
-    return "\n".join(lines)
-
-
 # -- main --------------------------------------------------------------------------------------
 
 def main(argv: list) -> int:
@@ -1035,8 +816,8 @@ def _main(args, argv: list) -> int:
         print(modes_text(res, warmup, repeats, cores))
     if "trace" in out:
         t = out["trace"]
-        ov = ", ".join(f"{m} {_fmt(v, '+.1%')}" for m, v in t["overhead"].items())
-        est = ", ".join(f"{m} {_fmt(v, '.2%')} ({t['runs'][m]['spans_per_batch']:.1f} spans "
+        ov = ", ".join(f"{m} {fmt(v, '+.1%')}" for m, v in t["overhead"].items())
+        est = ", ".join(f"{m} {fmt(v, '.2%')} ({t['runs'][m]['spans_per_batch']:.1f} spans "
                         f"per batch)" for m, v in t["estimated_overhead"].items())
         print(f"\ntrace: {t['path']}")
         print(f"tracing overhead, a traced run against the same run untraced just before "
