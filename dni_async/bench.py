@@ -42,7 +42,7 @@ from dni_async import launch, report
 from dni_async.bench_report import (describe_layout, fmt, modes_text, sweep_text, targets,
                                     targets_text)
 from dni_async.bounds import bounds, busy_clock, per_batch_busy, per_batch_parts
-from dni_async.config import MODES, Config, ConfigError, load_toml, make_config
+from dni_async.config import MODES, ArgumentParser, Config, ConfigError, load_toml, make_config
 
 try:  # Python 3.11+
     import tomllib
@@ -59,15 +59,8 @@ class BenchFailed(RuntimeError):
 
 # -- arguments ---------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    """Bad flags end as one line (ConfigError), like every other bad input."""
-
-    def error(self, message):
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="dni-async bench",
         description="Measure every mode side by side: throughput, bound, efficiency, "
                     "time to a target; optional trace, width sweep, transport benchmark, plots.")

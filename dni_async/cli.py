@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from dni_async.config import PRESETS, ConfigError, load_toml, make_config
+from dni_async.config import PRESETS, ArgumentParser, ConfigError, load_toml, make_config
 
 EXIT_BAD_INPUT = 2
 
@@ -146,7 +146,7 @@ def _cmd_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dni-async", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="dni-async", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
 
     r = sub.add_parser("reference", help="train in one process (the oracle)")
@@ -204,11 +204,14 @@ def main(argv=None) -> int:
     if argv[0] == "experiment":   # parses its own flags, like bench
         from dni_async import experiment
         return experiment.main(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_BAD_INPUT
     try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:   # name the subcommand whose --help lists the flags that do exist
+            raise ConfigError(f"unrecognized arguments: {' '.join(extra)} "
+                              f"(see {parser.prog} {args.command or ''} --help)".replace("  ", " "))
+        if args.command is None:
+            parser.print_help()
+            return EXIT_BAD_INPUT
         return args.func(args)
     except ConfigError as exc:
         print(f"dni-async: error: {exc}", file=sys.stderr)

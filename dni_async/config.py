@@ -6,6 +6,7 @@ each process of a pipeline reads to build its part. Presets are named sets of ov
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,13 @@ INITS = ("seed", "xavier", "he")
 
 class ConfigError(ValueError):
     """A bad setting, reported as one clear line before any process starts."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Bad flags end as one line (a ConfigError), like every other bad input."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 @dataclass

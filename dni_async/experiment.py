@@ -47,7 +47,7 @@ import time
 import numpy as np
 
 from dni_async import report, seed_post
-from dni_async.config import MODES, ConfigError, make_config, read_toml
+from dni_async.config import MODES, ArgumentParser, ConfigError, make_config, read_toml
 
 EXIT_BAD_INPUT = 2
 KINDS = ("table", "sweep", "fidelity")
@@ -544,7 +544,7 @@ def fidelity_markdown(results: list) -> str:
 # -- the command -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="dni-async experiment",
         description="Run an experiment file (table, sweep, fidelity) or the seed post's DNI run.")
     p.add_argument("what", help="an experiment TOML file, or seed-post-dni")
@@ -568,9 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
     try:
-        return _main(args)
+        return _main(build_parser().parse_args(argv))
     except ConfigError as exc:
         print(f"dni-async experiment: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -28,6 +28,8 @@ def check_refused(r, needle, run_dir):
     (["--set", "colour=blue"], "unknown setting 'colour'"),
     (["--dataset", "missing.npz"], "does not exist"),
     (["--transport", "tcp", "--set", "stage_hosts=127.0.0.2"], "names 1 hosts for 3 stages"),
+    (["--epohcs", "5"], "unrecognized arguments: --epohcs 5 (see dni-async train --help)"),
+    (["--epochs", "five"], "invalid int value: 'five'"),
 ])
 def test_bad_settings(flags, needle, tmp_path):
     r = cli("train", "--run-dir", tmp_path / "run", *flags)
@@ -71,3 +73,16 @@ def test_missing_optional_dependency(tmp_path):
     r = cli("train", "--dataset", "digits", "--run-dir", tmp_path / "run",
             env={"PYTHONPATH": str(tmp_path / "fake"), "DNI_ASYNC_CACHE": "off"})
     check_refused(r, "pip install 'dni-async[data]'", tmp_path / "run")
+
+
+@pytest.mark.parametrize("argv,prefix,needle", [
+    (["experiment", "launch/experiments/fidelity.toml", "--bad"], "dni-async experiment: error:",
+     "unrecognized arguments: --bad"),
+    (["experiment"], "dni-async experiment: error:", "required: what"),
+    (["stage", "--rank", "1"], "dni-async: error:", "required: run_config"),
+])
+def test_bad_flags_of_other_commands(argv, prefix, needle):
+    r = cli(*argv)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(prefix) and needle in lines[0], lines[0]
