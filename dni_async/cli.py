@@ -207,8 +207,8 @@ def main(argv=None) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:   # name the subcommand whose --help lists the flags that do exist
-            raise ConfigError(f"unrecognized arguments: {' '.join(extra)} "
-                              f"(see {parser.prog} {args.command or ''} --help)".replace("  ", " "))
+            where = " ".join(filter(None, (parser.prog, args.command)))
+            raise ConfigError(f"unrecognized arguments: {' '.join(extra)} (see {where} --help)")
         if args.command is None:
             parser.print_help()
             return EXIT_BAD_INPUT
