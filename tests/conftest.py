@@ -49,16 +49,12 @@ def wait_for_spec(run_dir, proc, settle: float = 1.0) -> dict:
     return json.loads((run_dir / "config.json").read_text())
 
 
-# How long a test's sockets may take to hand their messages to a run that is slow to start
-# (ZeroMQ drops what is still queued when a socket's linger runs out).
-DELIVERY_MS = 30_000
-
-
-def delivered_before_the_end(ctx, proc) -> None:
-    """Counting every message is only a fair claim for messages that arrived while the run was
-    still reading: wait until ZeroMQ has handed every one over, then check the run is alive."""
-    ctx.term()
-    assert proc.poll() is None, "the run ended before the test's messages were delivered"
+def sent_while_running(proc) -> None:
+    """Counting every message is a fair claim for messages sent while the run is reading them.
+    A test's sockets then stay connected until the run has ended: ZeroMQ gives no receipt, and
+    what a peer that has gone leaves unread beyond the receiver's queue (1000 messages) is lost
+    with its connection (libzmq issue #160)."""
+    assert proc.poll() is None, "the run ended before the test had sent its messages"
 
 
 def end_run(proc, ctx=None) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import zmq
 import zmq.auth
 
-from conftest import DELIVERY_MS, ROOT, cli, delivered_before_the_end, end_run, wait_for_spec
+from conftest import ROOT, cli, end_run, sent_while_running, wait_for_spec
 from dni_async import reference, wire
 from dni_async.config import make_config
 
@@ -45,9 +45,9 @@ def test_without_curve_an_injection_does_get_in(tmp_path):
     s.connect(spec["endpoints"]["fwd_in"][0])
     for step in range(50):
         wire.send(s, spec["run_id"], "eval", 900_000 + step, [np.ones((10, 12)), np.ones((10, 6))])
-    s.close(linger=DELIVERY_MS)
-    delivered_before_the_end(ctx, proc)
+    sent_while_running(proc)
     proc.communicate(timeout=120)
+    ctx.destroy(linger=0)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bad_messages"]["coordinator"] == 50
 
