@@ -688,16 +688,10 @@ def _read_span_files(run_dir: str) -> list:
 # -- main --------------------------------------------------------------------------------------
 
 def main(argv: list) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        return _main(build_parser().parse_args(argv), argv)
     except SystemExit as exc:     # --help
         return 0 if not exc.code else EXIT_BAD_INPUT
-    except ConfigError as exc:
-        print(f"dni-async bench: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        return _main(args, argv)
     except ConfigError as exc:
         print(f"dni-async bench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

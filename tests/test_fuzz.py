@@ -47,10 +47,22 @@ def malformed(run_id, rng: random.Random, width: int):
     return rng.choice(kinds)()
 
 
-def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--mode", "backprop",
-                             "--epochs", str(EPOCHS), "--run-dir", str(tmp_path), "--quiet"],
+def start(run_dir, mode: str, epochs: int):
+    return subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--mode", mode,
+                             "--epochs", str(epochs), "--run-dir", str(run_dir), "--quiet"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def summary_after_the_run(proc, run_dir) -> dict:
+    """Once everything is sent: the run ends in order, and its summary says what it counted."""
+    sent_while_running(proc)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
+    proc = start(tmp_path, "backprop", EPOCHS)
     ctx = zmq.Context()
     sent = {}
     try:
@@ -75,12 +87,9 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
         big = ctx.socket(zmq.PUSH)
         big.connect(ep["fwd_in"][0])
         big.send_multipart([header(run_id), b"\0" * (64 << 20)])
-        sent_while_running(proc)
-        out, err = proc.communicate(timeout=120)
+        summary = summary_after_the_run(proc, tmp_path)
     finally:
         end_run(proc, ctx)
-    assert proc.returncode == 0, err
-    summary = json.loads((tmp_path / "summary.json").read_text())
     counted = summary["bad_messages"]
     assert counted == sent, (counted, sent)
     print(f"fuzz: sent {sum(sent.values())} malformed messages, counted {counted}")
@@ -91,9 +100,7 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
 def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
     """Right run id and kind, wrong contents: targets of the wrong height for steps a stage
     is waiting on, loss and eval sums that are not numbers, answers to questions not asked."""
-    proc = subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--mode", "cdni",
-                             "--epochs", "100", "--run-dir", str(tmp_path), "--quiet"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(tmp_path, "cdni", 100)
     ctx = zmq.Context()
     to_coordinator = 0
     try:
@@ -110,12 +117,9 @@ def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
             wire.send(res, run_id, "evalres", 1000 * (step % 7), meta={"sums": bad_sums})
             wire.send(res, run_id, "loss", step, meta={"sums": bad_sums})
             to_coordinator += 2
-        sent_while_running(proc)
-        out, err = proc.communicate(timeout=120)
+        summary = summary_after_the_run(proc, tmp_path)
     finally:
         end_run(proc, ctx)
-    assert proc.returncode == 0, err
-    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bad_messages"]["coordinator"] == to_coordinator
     st0 = summary["stages"][0]
     assert st0["bad_messages"] == 1000          # every wrong-height target refused
