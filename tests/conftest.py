@@ -1,13 +1,23 @@
 """Shared test helpers: find processes by their command line, run the CLI with a time bound."""
 
+import faulthandler
 import os
 import subprocess
 import sys
 import time
 
 import pytest
+import zmq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config):
+    """The session's last word: if the process has not exited a minute after the summary (say, a
+    garbage-collected ZeroMQ context waiting on a peer that has gone), print every thread's stack
+    and exit with status 1, rather than hang a CI job until its limit."""
+    faulthandler.dump_traceback_later(60, exit=True, file=sys.__stderr__)
 
 
 def procs_mentioning(text: str) -> list:
@@ -54,16 +64,29 @@ def sent_while_running(proc) -> None:
     A test's sockets then stay connected until the run has ended: ZeroMQ gives no receipt, and
     what a peer that has gone leaves unread beyond the receiver's queue (1000 messages) is lost
     with its connection (libzmq issue #160)."""
-    assert proc.poll() is None, "the run ended before the test had sent its messages"
+    if proc.poll() is not None:
+        said = proc.stderr.read() if proc.stderr else ""
+        raise AssertionError(f"the run ended (status {proc.returncode}) before the test had "
+                             f"sent its messages; it said:\n{said}")
 
 
-def end_run(proc, ctx=None) -> None:
-    """After a test that started `train` (and maybe a ZeroMQ context): nothing left running."""
+def end_run(proc) -> None:
+    """After a test that started `train`: nothing left running, whatever the test asserted."""
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-    if ctx is not None:
-        ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def zmq_ctx():
+    """A ZeroMQ context for a test's own sockets, destroyed at teardown even when the test fails.
+    Its sockets default to linger 0: a context left to the garbage collector with messages queued
+    for a peer that has gone would otherwise block forever in zmq_ctx_term (the default linger is
+    infinite), and hang pytest after its summary."""
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+    yield ctx
+    ctx.destroy(linger=0)
 
 
 def cli(*args, timeout=120, env=None, **kw) -> subprocess.CompletedProcess:

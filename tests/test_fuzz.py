@@ -61,9 +61,9 @@ def summary_after_the_run(proc, run_dir) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
+def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path, zmq_ctx):
     proc = start(tmp_path, "backprop", EPOCHS)
-    ctx = zmq.Context()
+    ctx = zmq_ctx
     sent = {}
     try:
         spec = wait_for_spec(tmp_path, proc)
@@ -72,16 +72,18 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
         targets += [(f"stage-{k}", e) for k, e in enumerate(ep["grad_in"]) if e]
         targets += [("coordinator", ep["results"]), ("coordinator", ep["control"])]
         rng = random.Random(7)
+        kept = []          # every socket stays open until the run ends: see sent_while_running
         for who, endpoint in targets:
             kind = zmq.DEALER if endpoint == ep["control"] else zmq.PUSH
             s = ctx.socket(kind)
+            kept.append(s)
             if kind == zmq.DEALER:
                 s.setsockopt(zmq.IDENTITY, b"intruder")
             s.setsockopt(zmq.SNDTIMEO, 5000)
             s.connect(endpoint)
             for _ in range(PER_SOCKET):
                 s.send_multipart(malformed(run_id, rng, 24))
-            sent[who] = sent.get(who, 0) + PER_SOCKET      # the socket stays open: see conftest
+            sent[who] = sent.get(who, 0) + PER_SOCKET
         # A frame above the socket's size cap never reaches the process: ZeroMQ drops the
         # connection on its own (ZMQ_MAXMSGSIZE), so it is refused rather than counted.
         big = ctx.socket(zmq.PUSH)
@@ -89,7 +91,7 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
         big.send_multipart([header(run_id), b"\0" * (64 << 20)])
         summary = summary_after_the_run(proc, tmp_path)
     finally:
-        end_run(proc, ctx)
+        end_run(proc)
     counted = summary["bad_messages"]
     assert counted == sent, (counted, sent)
     print(f"fuzz: sent {sum(sent.values())} malformed messages, counted {counted}")
@@ -97,11 +99,11 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path):
     assert summary["weights_sha256"] == want["weights_sha256"]
 
 
-def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
+def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path, zmq_ctx):
     """Right run id and kind, wrong contents: targets of the wrong height for steps a stage
     is waiting on, loss and eval sums that are not numbers, answers to questions not asked."""
     proc = start(tmp_path, "cdni", 100)
-    ctx = zmq.Context()
+    ctx = zmq_ctx
     to_coordinator = 0
     try:
         spec = wait_for_spec(tmp_path, proc)
@@ -119,7 +121,7 @@ def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path):
             to_coordinator += 2
         summary = summary_after_the_run(proc, tmp_path)
     finally:
-        end_run(proc, ctx)
+        end_run(proc)
     assert summary["bad_messages"]["coordinator"] == to_coordinator
     st0 = summary["stages"][0]
     assert st0["bad_messages"] == 1000          # every wrong-height target refused

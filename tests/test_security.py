@@ -35,29 +35,32 @@ def start_run(run, keys=None):
          "--run-dir", str(run), "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
 
 
-def test_without_curve_an_injection_does_get_in(tmp_path):
+def test_without_curve_an_injection_does_get_in(tmp_path, zmq_ctx):
     """The control experiment: the same kind of injection, no keys, reaches every process
     (forward-only eval messages travel the whole pipeline and are counted at the coordinator)."""
     proc = start_run(tmp_path)
-    spec = wait_for_spec(tmp_path, proc)
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.PUSH)
-    s.connect(spec["endpoints"]["fwd_in"][0])
-    for step in range(50):
-        wire.send(s, spec["run_id"], "eval", 900_000 + step, [np.ones((10, 12)), np.ones((10, 6))])
-    sent_while_running(proc)
-    proc.communicate(timeout=120)
-    ctx.destroy(linger=0)
+    try:
+        spec = wait_for_spec(tmp_path, proc)
+        s = zmq_ctx.socket(zmq.PUSH)
+        s.connect(spec["endpoints"]["fwd_in"][0])
+        x, y = np.ones((10, 12)), np.ones((10, 6))
+        for step in range(50):
+            wire.send(s, spec["run_id"], "eval", 900_000 + step, [x, y])
+        sent_while_running(proc)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        end_run(proc)
+    assert proc.returncode == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bad_messages"]["coordinator"] == 50
 
 
-def test_intruders_without_keys_cannot_join_or_inject(tmp_path):
+def test_intruders_without_keys_cannot_join_or_inject(tmp_path, zmq_ctx):
     keys = tmp_path / "keys"
     assert cli("keys", keys, "--stages", 3).returncode == 0
     run = tmp_path / "run"
     proc = start_run(run, keys)
-    ctx = zmq.Context()
+    ctx = zmq_ctx
     try:
         spec = wait_for_spec(run, proc)
         run_id, ep = spec["run_id"], spec["endpoints"]
@@ -93,7 +96,7 @@ def test_intruders_without_keys_cannot_join_or_inject(tmp_path):
         d.close(linger=0)
         _, err = proc.communicate(timeout=120)
     finally:
-        end_run(proc, ctx)
+        end_run(proc)
     assert proc.returncode == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert sum(summary["bad_messages"].values()) == 0
