@@ -62,8 +62,10 @@ def plan_endpoints(cfg: Config, ipc_dir: str | None) -> dict:
         def ep(name):
             return wire.ipc_endpoint(ipc_dir, name)
     else:
+        ports = iter(wire.free_tcp_ports(2 * n + 1, cfg.host))
+
         def ep(name):
-            return f"tcp://{cfg.host}:{wire.free_tcp_port(cfg.host)}"
+            return f"tcp://{cfg.host}:{next(ports)}"
     return {
         "control": ep("control"),
         "results": ep("results"),

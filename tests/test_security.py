@@ -22,6 +22,7 @@ def test_default_endpoints_are_local_only(tmp_path):
                                        str(tmp_path / transport))
         eps = [spec.endpoints["control"], spec.endpoints["results"], *spec.endpoints["fwd_in"]]
         assert all(e.startswith("ipc://") or e.startswith("tcp://127.0.0.1:") for e in eps)
+        assert len(set(eps)) == len(eps), eps
         if ipc_dir:
             import shutil
             shutil.rmtree(ipc_dir)
