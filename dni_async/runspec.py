@@ -108,11 +108,16 @@ def remove_ipc_files(endpoints: dict) -> None:
 
 
 def check_ports_free(endpoints: dict) -> None:
-    """Fail before any process starts if a tcp port this machine should bind is taken."""
+    """Fail before any process starts if a tcp port this machine should bind is taken, or if
+    two of the run's sockets would bind one address."""
     import socket as pysocket
-    for ep in [endpoints["control"], endpoints["results"], *endpoints["fwd_in"],
-               *endpoints["grad_in"]]:
-        if not ep or not ep.startswith("tcp://"):
+    eps = [ep for ep in [endpoints["control"], endpoints["results"], *endpoints["fwd_in"],
+                         *endpoints["grad_in"]] if ep]
+    twice = sorted({ep for ep in eps if eps.count(ep) > 1})
+    if twice:
+        raise ConfigError(f"two sockets would bind the same address: {', '.join(twice)}")
+    for ep in eps:
+        if not ep.startswith("tcp://"):
             continue
         host, port = ep[len("tcp://"):].rsplit(":", 1)
         s = pysocket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM)
