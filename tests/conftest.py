@@ -13,11 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_unconfigure(config):
-    """The session's last word: if the process has not exited a minute after the summary (say, a
-    garbage-collected ZeroMQ context waiting on a peer that has gone), print every thread's stack
-    and exit with status 1, rather than hang a CI job until its limit."""
-    faulthandler.dump_traceback_later(60, exit=True, file=sys.__stderr__)
+def pytest_sessionfinish(session):
+    """The session's last minute: if the process has not exited a minute after the tests end
+    (say, a garbage-collected ZeroMQ context waiting on a peer that has gone), print every
+    thread's stack and exit with status 1, rather than hang a CI job until its limit. Armed
+    only when pytest owns the process, never under pytest.main() inside a longer-lived one."""
+    launcher = os.path.normpath(sys.argv[0])
+    if (os.path.basename(launcher) in ("pytest", "py.test")
+            or launcher.endswith(os.path.join("pytest", "__main__.py"))):
+        faulthandler.dump_traceback_later(60, exit=True, file=sys.__stderr__)
 
 
 def procs_mentioning(text: str) -> list:
@@ -65,7 +69,7 @@ def sent_while_running(proc) -> None:
     what a peer that has gone leaves unread beyond the receiver's queue (1000 messages) is lost
     with its connection (libzmq issue #160)."""
     if proc.poll() is not None:
-        said = proc.stderr.read() if proc.stderr else ""
+        _, said = proc.communicate(timeout=30)
         raise AssertionError(f"the run ended (status {proc.returncode}) before the test had "
                              f"sent its messages; it said:\n{said}")
 

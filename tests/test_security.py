@@ -20,7 +20,8 @@ def test_default_endpoints_are_local_only(tmp_path):
     for transport in ("ipc", "tcp"):
         spec, ipc_dir = launch.prepare(make_config({"transport": transport}, preset="tiny"),
                                        str(tmp_path / transport))
-        eps = [spec.endpoints["control"], spec.endpoints["results"], *spec.endpoints["fwd_in"]]
+        eps = [spec.endpoints["control"], spec.endpoints["results"], *spec.endpoints["fwd_in"],
+               *filter(None, spec.endpoints["grad_in"])]
         assert all(e.startswith("ipc://") or e.startswith("tcp://127.0.0.1:") for e in eps)
         assert len(set(eps)) == len(eps), eps
         if ipc_dir:
