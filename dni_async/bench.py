@@ -15,9 +15,8 @@ Method (docs/benchmarks.md):
   with P = os.cpu_count() cores a pipeline cannot beat 1 / max(max_k t_k, sum_k t_k / P)
   batches per second; efficiency = measured / that bound. Lockstep backprop has one batch in
   flight, and a stage's update runs beside the backward of the stages upstream of it; its own
-  bound also counts its period were messages free (`bounds.lockstep_period`), reported too. The same
-  bounds
-  again with t_k timed alone: each stage's per-batch work, one stage at a time, in a fresh
+  bound also counts its period were messages free (`bounds.lockstep_period`), reported too.
+  The same bounds again with t_k timed alone: each stage's per-batch work, one stage at a time, in a fresh
   process with one BLAS thread (`alone` in the JSON);
 - two rows without processes: the single-process reference (backprop) with one BLAS thread
   and with all cores, each in a fresh interpreter so the thread count is set before numpy loads;

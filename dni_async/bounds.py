@@ -15,13 +15,17 @@ def busy_clock(summary: dict) -> str:
     return "cpu" if all(s.get("cpu_times") for s in summary["stages"]) else "wall"
 
 
+def _times_key(summary: dict, clock: str | None) -> str:
+    """Which of a stage's span totals to read: thread CPU seconds, or wall seconds."""
+    return "cpu_times" if (clock or busy_clock(summary)) == "cpu" else "times"
+
+
 def per_batch_busy(summary: dict, cfg: Config, clock: str | None = None) -> list:
     """t_k: seconds of forward + backward + generator + update per training batch, per stage.
 
     CPU seconds when the stages report them (a stage preempted by other work on the machine
     then does not count the time it did not run), else wall seconds inside the spans."""
-    clock = clock or busy_clock(summary)
-    key = "cpu_times" if clock == "cpu" else "times"
+    key = _times_key(summary, clock)
     per = cfg.micro_batches if cfg.mode == "gpipe" else 1
     out = []
     for s in summary["stages"]:
@@ -69,8 +73,7 @@ def lockstep_period(f: list, b: list, u: list, batches: int = 4) -> float:
 
 def per_batch_parts(summary: dict, cfg: Config, clock: str | None = None) -> tuple:
     """Per stage, seconds per batch of (forward, backward, update): lockstep backprop's parts."""
-    clock = clock or busy_clock(summary)
-    key = "cpu_times" if clock == "cpu" else "times"
+    key = _times_key(summary, clock)
     return tuple([s[key].get(c, 0.0) / s["batches"] if s["batches"] else 0.0
                   for s in summary["stages"]] for c in ("forward", "backward", "update"))
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 
-COLORS = {"forward": "#1f77b4", "backward": "#8c564b", "update": "#ff7f0e", "generator": "#2ca02c", "send": "#d62728",
-          "eval": "#9467bd", "wait": "#e0e0e0"}
+COLORS = {"forward": "#1f77b4", "backward": "#8c564b", "update": "#ff7f0e", "generator": "#2ca02c",
+          "send": "#d62728", "eval": "#9467bd", "wait": "#e0e0e0"}
 MODE_COLORS = {"backprop": "#1f77b4", "gpipe": "#9467bd", "dni": "#2ca02c", "cdni": "#d62728",
                "reference": "#7f7f7f", "reference_all_cores": "#000000"}
 
@@ -70,7 +70,7 @@ def gantt(trace_path: str, out_path: str, labels: list, window_ms: float | None 
             continue
         t0, t1 = _window(tracks, window_ms)
         for row, t in enumerate(tracks):
-            for cat in ("wait", "send", "forward", "backward", "update", "generator", "eval"):
+            for cat in ("wait", *(c for c in COLORS if c != "wait")):   # grey underneath
                 bars = [((max(ts, t0) - t0) / 1000, (min(ts + dur, t1) - max(ts, t0)) / 1000)
                         for c, ts, dur, _ in t["spans"]
                         if c == cat and ts < t1 and ts + dur > t0]

@@ -300,13 +300,15 @@ class Stage:
         need_g = self.rank > 0
         with self.clock.span("backward", step):
             delta, g = self.model.loss_delta(h, y, need_grad_input=need_g)
-        if need_g:      # upstream starts its backward while this stage updates
-            self._send(self.grad_out, "grad", step, [g], meta=meta)
-        self._apply(step, x, delta)
+        self._pass_back_then_apply(step, x, delta, g, meta)
         sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y, delta)
         self._send(self.results, "loss", step, meta={**meta, "sums": sums})
 
-    def _apply(self, step, x, delta) -> None:
+    def _pass_back_then_apply(self, step, x, delta, g_prev, meta) -> None:
+        """dL/dx upstream first (when there is an upstream), so the previous stage's backward
+        runs while this one updates."""
+        if g_prev is not None:
+            self._send(self.grad_out, "grad", step, [g_prev], meta=meta)
         with self.clock.span("update", step):
             if self.cfg.mode == "gpipe":
                 m = self.cfg.micro_batches
@@ -339,9 +341,7 @@ class Stage:
         need_g = self.rank > 0
         with self.clock.span("backward", step):
             delta, g_prev = self.model.true_delta(h, g, need_grad_input=need_g)
-        if need_g:      # upstream starts its backward while this stage updates
-            self._send(self.grad_out, "grad", step, [g_prev], meta=meta)
-        self._apply(step, x, delta)
+        self._pass_back_then_apply(step, x, delta, g_prev, meta)
         if not need_g:
             self._send(self.results, "done", step, meta=meta)
 
