@@ -83,7 +83,8 @@ def config_from_args(args, default_mode: str | None = None):
 
 
 def _cmd_reference(args) -> int:
-    from dni_async import reference, report
+    from dni_async.oneprocess import reference
+    from dni_async import report
     cfg = config_from_args(args)
     if args.json:
         report.ensure_writable(args.json)
@@ -99,7 +100,7 @@ def _cmd_reference(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from dni_async import launch
+    from dni_async.runtime import supervisor as launch
     if getattr(args, "resume", None):
         given = [n for n in (*CONFIG_FLAGS, "config", "run_dir") if getattr(args, n, None) is not None]
         if given or args.set:
@@ -111,17 +112,17 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_stage(args) -> int:
-    from dni_async import stage
+    from dni_async.runtime import stage
     return stage.main(args.run_config, args.rank)
 
 
 def _cmd_coordinator(args) -> int:
-    from dni_async import coordinator
+    from dni_async.runtime import coordinator
     return coordinator.main(args.run_config)
 
 
 def _cmd_keys(args) -> int:
-    from dni_async import security
+    from dni_async.runtime import security
     if args.stages < 1:
         raise ConfigError(f"--stages must be positive, got {args.stages}")
     made = security.make_keys(args.folder, args.stages)
@@ -132,7 +133,7 @@ def _cmd_keys(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from dni_async import launch
+    from dni_async.runtime import supervisor as launch
     cfg = config_from_args(args, default_mode="cdni")
     if not args.run_dir:
         raise ConfigError("plan needs --run-dir: the folder every process reads config.json from")
@@ -199,10 +200,10 @@ def main(argv=None) -> int:
     if not argv:
         argv = ["train"]   # no flags: the demo
     if argv[0] == "bench":   # bench parses its own flags (REMAINDER would drop "--x" ones)
-        from dni_async import bench
+        from dni_async.measure import bench
         return bench.main(argv[1:])
     if argv[0] == "experiment":   # parses its own flags, like bench
-        from dni_async import experiment
+        from dni_async.experiments import experiment
         return experiment.main(argv[1:])
     try:
         args, extra = parser.parse_known_args(argv)

@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from dni_async import metrics
+from dni_async.nn import metrics
 
 HISTORY_KEYS = ("epoch", "delta_l1", "loss", "train_bit_acc", "train_exact_acc",
                 "test_bit_acc", "test_exact_acc", "seconds", "samples_per_s")

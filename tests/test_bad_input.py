@@ -54,7 +54,7 @@ def test_port_in_use(tmp_path):
 
 def test_two_sockets_on_one_address_are_refused():
     from dni_async.config import ConfigError
-    from dni_async.runspec import check_ports_free
+    from dni_async.runtime.runspec import check_ports_free
     ep = {"control": "tcp://127.0.0.1:1", "results": "tcp://127.0.0.1:2",
           "fwd_in": ["tcp://127.0.0.1:3", "tcp://127.0.0.1:3"], "grad_in": [None, None]}
     with pytest.raises(ConfigError, match="would bind the same address: tcp://127.0.0.1:3"):

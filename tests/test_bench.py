@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from dni_async import bench
+from dni_async.measure import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "bench-tiny.toml")
@@ -120,7 +120,7 @@ def test_bench_trace_sweep_and_plots(tmp_path, capsys):
 
 
 def test_bench_wire_alone(tmp_path, capsys, monkeypatch):
-    from dni_async import wirebench
+    from dni_async.measure import wirebench
     monkeypatch.setattr(wirebench, "SIZES", (1 << 10, 1 << 20))
     out = tmp_path / "w.json"
     status = bench.main(["--wire", "--json", str(out), "--run-dir", str(tmp_path / "runs"),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dni_async import bounds
+from dni_async.measure import bounds
 
 
 def test_bound_is_the_slowest_stage_or_the_cores():

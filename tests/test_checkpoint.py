@@ -11,7 +11,8 @@ import time
 import numpy as np
 
 from conftest import ROOT, cli, procs_mentioning, remove_ipc_folder
-from dni_async import checkpoint, reference
+from dni_async.runtime import checkpoint
+from dni_async.oneprocess import reference
 from dni_async.config import make_config
 
 FLAGS = ["--mode", "backprop", "--epochs", "60"]

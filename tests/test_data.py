@@ -1,6 +1,6 @@
 import numpy as np
 
-from dni_async import data
+from dni_async.data import datasets as data
 from dni_async.config import make_config
 
 

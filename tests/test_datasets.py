@@ -6,7 +6,8 @@ import builtins
 import numpy as np
 import pytest
 
-from dni_async import data, reference
+from dni_async.data import datasets as data
+from dni_async.oneprocess import reference
 from dni_async.config import ConfigError, make_config
 
 

@@ -7,7 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from dni_async import experiment, reference, seed_post, stage_model
+from dni_async.experiments import experiment
+from dni_async.oneprocess import reference
+from dni_async.oneprocess import seed_post
+from dni_async.nn import stage_model
 from dni_async.config import ConfigError, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,8 @@ import numpy as np
 import zmq
 
 from conftest import ROOT, end_run, sent_while_running, wait_for_spec
-from dni_async import reference, wire
+from dni_async.oneprocess import reference
+from dni_async.runtime import wire
 from dni_async.config import make_config
 
 EPOCHS = 40

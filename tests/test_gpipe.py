@@ -9,7 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from dni_async import metrics, launch, network, reference
+from dni_async.nn import metrics
+from dni_async.runtime import supervisor as launch
+from dni_async.nn import network
+from dni_async.oneprocess import reference
 from dni_async.config import make_config
 
 HISTORY_KEYS = ("delta_l1", "loss", "train_bit_acc", "train_exact_acc", "test_bit_acc",

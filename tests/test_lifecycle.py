@@ -88,7 +88,7 @@ def test_stuck_stage_is_detected_by_application_heartbeats(no_leftovers):
 
 
 def test_stages_exit_by_themselves_when_the_coordinator_dies(no_leftovers):
-    from dni_async import launch
+    from dni_async.runtime import supervisor as launch
     from dni_async.config import make_config
     spec, ipc_dir = launch.prepare(make_config({"mode": "cdni", "epochs": 1000}), str(no_leftovers))
     path = os.path.join(spec.run_dir, "config.json")

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, cli
-from dni_async import reference
+from dni_async.oneprocess import reference
 from dni_async.config import make_config
 
 SETTINGS = {"mode": "backprop", "epochs": 30, "preset": "tiny"}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import cli
-from dni_async import reference
+from dni_async.oneprocess import reference
 from dni_async.config import make_config
 
 HISTORY_KEYS = ("delta_l1", "loss", "train_bit_acc", "train_exact_acc", "test_bit_acc",

@@ -6,7 +6,7 @@ import pytest
 
 import seed_oracle
 from conftest import cli
-from dni_async import reference
+from dni_async.oneprocess import reference
 from dni_async.config import make_config
 
 

@@ -9,14 +9,15 @@ import zmq
 import zmq.auth
 
 from conftest import ROOT, cli, end_run, sent_while_running, wait_for_spec
-from dni_async import reference, wire
+from dni_async.oneprocess import reference
+from dni_async.runtime import wire
 from dni_async.config import make_config
 
 SETTINGS = {"mode": "backprop", "epochs": 150}
 
 
 def test_default_endpoints_are_local_only(tmp_path):
-    from dni_async import launch
+    from dni_async.runtime import supervisor as launch
     for transport in ("ipc", "tcp"):
         spec, ipc_dir = launch.prepare(make_config({"transport": transport}, preset="tiny"),
                                        str(tmp_path / transport))

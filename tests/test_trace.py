@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from dni_async import launch, trace
+from dni_async.runtime import supervisor as launch
+from dni_async.measure import trace
 from dni_async.config import make_config
-from dni_async.timing import CATEGORIES
+from dni_async.measure.clock import CATEGORIES
 
 TINY = {"epochs": 2, "batch_size": 20}
 

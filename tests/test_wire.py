@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import zmq
 
-from dni_async import wire
-from dni_async.wire import WireError
+from dni_async.runtime import wire
+from dni_async.runtime.wire import WireError
 
 RUN = "run-1"
 TIMEOUT_MS = 2000

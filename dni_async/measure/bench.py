@@ -37,10 +37,11 @@ import subprocess
 import sys
 import time
 
-from dni_async import launch, report
-from dni_async.bench_report import (describe_layout, fmt, modes_text, sweep_text, targets,
+from dni_async.runtime import supervisor as launch
+from dni_async import report
+from dni_async.measure.bench_report import (describe_layout, fmt, modes_text, sweep_text, targets,
                                     targets_text)
-from dni_async.bounds import bounds, busy_clock, per_batch_busy, per_batch_parts
+from dni_async.measure.bounds import bounds, busy_clock, per_batch_busy, per_batch_parts
 from dni_async.config import MODES, ArgumentParser, Config, ConfigError, load_toml, make_config
 
 try:  # Python 3.11+
@@ -289,7 +290,8 @@ def calibrate_worker(cfg: Config, reps: int = 7) -> dict:
     forward through the stages, gradients are random arrays of the right shape. Run it in a
     process with one BLAS thread (see `calibrate`)."""
     import numpy as np
-    from dni_async import network, nn
+    from dni_async.nn import network
+    from dni_async import nn
     ds, rng = network.load_data_and_rng(cfg)
     network.resolve_dims(cfg, ds)
     models = network.build(cfg, rng)
@@ -359,7 +361,7 @@ def calibrate(cfg: Config, folder: str, timeout_s: float = 600) -> dict:
     path = os.path.join(folder, f"calibrate-{cfg.mode}.json")
     with open(path, "w") as fh:
         fh.write(cfg.to_json())
-    proc = _run_child([sys.executable, "-m", "dni_async.bench", "_calibrate", path], 1,
+    proc = _run_child([sys.executable, "-m", "dni_async.measure.bench", "_calibrate", path], 1,
                       timeout_s, "timing the stages alone")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -506,7 +508,7 @@ class Bench:
         self.cfgs = {m: mode_config(values, m) for m in modes}
 
     def _resolved(self, cfg: Config) -> Config:
-        from dni_async import network
+        from dni_async.nn import network
         ds, _ = network.load_data_and_rng(cfg)
         network.resolve_dims(cfg, ds)
         return cfg
@@ -630,7 +632,7 @@ class Bench:
 
 def span_cost_us(n: int = 200_000) -> float:
     """What recording one span adds to timing it (microseconds), measured in this process."""
-    from dni_async.timing import Clock
+    from dni_async.measure.clock import Clock
     best = {}
     for _ in range(3):
         for record in (False, True):
@@ -680,7 +682,7 @@ def _own_cpu_s() -> float:
 
 
 def _read_span_files(run_dir: str) -> list:
-    from dni_async import trace
+    from dni_async.measure import trace
     return trace.read_spans(run_dir)
 
 
@@ -766,7 +768,7 @@ def _main(args, argv: list) -> int:
     if want_trace and modes:
         tmodes = modes if args.trace else [m for m in ("backprop", "cdni") if m in modes]
         traced = bench.traced(tmodes, res["results"])
-        from dni_async import trace
+        from dni_async.measure import trace
         trace_path = args.trace or os.path.join(run_root, "trace.json")
         trace.merge([traced[m]["run_dir"] for m in tmodes], trace_path, labels=tmodes)
         out["trace"] = {"path": os.path.abspath(trace_path),
@@ -781,7 +783,7 @@ def _main(args, argv: list) -> int:
         out["sweep"] = bench.sweep(sweep[0], sweep[1], sweep_modes, args.sweep_epochs)
     wire_rows = None
     if args.wire:
-        from dni_async import wirebench
+        from dni_async.measure import wirebench
         log("wire layer vs raw pyzmq, PUSH/PULL over ipc between two processes")
         try:
             wire_rows = wirebench.run()
@@ -814,7 +816,7 @@ def _main(args, argv: list) -> int:
         print(f"\nsweep ({out['sweep']['epochs']} epoch(s) per run, steady state of the last):")
         print(sweep_text(out["sweep"]))
     if wire_rows:
-        from dni_async import wirebench
+        from dni_async.measure import wirebench
         print("\nwire layer vs raw pyzmq (PUSH/PULL, ipc, two processes; latency per hop):")
         print(wirebench.HEADER)
         for r in wire_rows:
@@ -828,7 +830,7 @@ def _main(args, argv: list) -> int:
           + ("" if other is None else f"; processes other than this bench's used {other:.0%} "
              f"of the {cores} cores meanwhile"))
     if plots:
-        from dni_async import plots as plots_mod
+        from dni_async.measure import plots as plots_mod
         if args.json:
             stem = os.path.splitext(os.path.abspath(args.json))[0]
         else:

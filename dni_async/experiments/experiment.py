@@ -5,7 +5,7 @@
     dni-async experiment launch/experiments/fidelity.toml   # synthetic vs true gradients, a picture
     dni-async experiment seed-post-dni                      # the 2017 post's DNI script, as it ran
 
-(`python -m dni_async.experiment ...` is the same command.) An experiment file is TOML:
+(`python -m dni_async.experiments.experiment ...` is the same command.) An experiment file is TOML:
 
     kind = "table"                 # table | sweep | fidelity
     title = "..."
@@ -46,7 +46,8 @@ import time
 
 import numpy as np
 
-from dni_async import report, seed_post
+from dni_async import report
+from dni_async.oneprocess import seed_post
 from dni_async.config import MODES, ArgumentParser, ConfigError, make_config, read_toml
 
 EXIT_BAD_INPUT = 2
@@ -146,12 +147,12 @@ def run_one(values: dict, runner: str, run_dir: str) -> dict:
     """Train once; returns the run's summary (the keys `dni-async train` writes)."""
     cfg = make_config(values)
     if runner == "reference":
-        from dni_async import reference
+        from dni_async.oneprocess import reference
         summary = reference.train(cfg, log=None)
         os.makedirs(run_dir, exist_ok=True)
         _write_json(os.path.join(run_dir, "summary.json"), summary)
         return summary
-    from dni_async import launch
+    from dni_async.runtime import supervisor as launch
     rc = launch.train(cfg, run_dir=run_dir, quiet=True)
     path = os.path.join(run_dir, "summary.json")
     if rc != 0 or not os.path.exists(path):
@@ -168,7 +169,7 @@ def frozen_control(values: dict) -> dict:
     the same order wherever it runs, so the single-process reference gives the pipeline's
     numbers exactly. A synthetic gradient is worth something only if it beats this.
     """
-    from dni_async import reference
+    from dni_async.oneprocess import reference
     cfg = make_config({**values, "mode": "dni", "generator_lr": FROZEN_LR})
     return reference.train(cfg, log=None)
 
@@ -450,7 +451,7 @@ def train_with_fidelity(cfg, every: int = 1, log=None) -> dict:
     `every` steps each stage's synthetic gradient, and the bootstrapped target its generator
     learns from, are compared with the true dL/dh carried back from the loss.
     """
-    from dni_async import reference
+    from dni_async.oneprocess import reference
     if not cfg.decoupled:
         raise ConfigError("gradient fidelity compares synthetic gradients: mode dni or cdni")
     cfg.fidelity_every = every

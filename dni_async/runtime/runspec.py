@@ -11,7 +11,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-from dni_async import wire
+from dni_async.runtime import wire
 from dni_async.config import Config, ConfigError, config_from_dict
 
 EVAL_CHUNK = 4096      # rows per eval message: bounds the largest array any stage accepts

@@ -18,9 +18,10 @@ import sys
 import tempfile
 import time
 
-from dni_async import network, report
+from dni_async.nn import network
+from dni_async import report
 from dni_async.config import Config, ConfigError
-from dni_async.runspec import RunSpec, check_ports_free, plan_endpoints, remove_ipc_files
+from dni_async.runtime.runspec import RunSpec, check_ports_free, plan_endpoints, remove_ipc_files
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -167,8 +168,8 @@ class Supervisor:
 
 def resume(run_dir: str, json_path: str | None = None, quiet: bool = False) -> int:
     """Continue a run from its newest good checkpoint, with fresh endpoints."""
-    from dni_async import checkpoint
-    from dni_async.runspec import RunSpec
+    from dni_async.runtime import checkpoint
+    from dni_async.runtime.runspec import RunSpec
     old = RunSpec.load(os.path.join(run_dir, "config.json"))
     try:
         ckpt = checkpoint.latest_good(run_dir, log=lambda m: print(m, file=sys.stderr))

@@ -24,11 +24,15 @@ import time
 import numpy as np
 import zmq
 
-from dni_async import checkpoint, metrics, network, report, wire
+from dni_async.runtime import checkpoint
+from dni_async.nn import metrics
+from dni_async.nn import network
+from dni_async import report
+from dni_async.runtime import wire
 from dni_async.config import ConfigError
-from dni_async.runspec import EVAL_CHUNK, RunSpec, release_ipc
-from dni_async.security import Curve
-from dni_async.timing import Clock
+from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec, release_ipc
+from dni_async.runtime.security import Curve
+from dni_async.measure.clock import Clock
 
 EXIT_STAGE_LOST = 3
 EXIT_INTERRUPTED = 130
@@ -473,7 +477,7 @@ def main(spec_path: str) -> int:
         report.write_json(os.path.join(spec.run_dir, "summary.json"), summary)
         report.write_history_csv(os.path.join(spec.run_dir, "metrics.csv"), summary["history"])
         if spec.trace:
-            from dni_async import trace
+            from dni_async.measure import trace
             trace.write_spans(spec.run_dir, "coordinator", os.getpid(), coord.clock.spans)
         return 0
     except StageLost as exc:

@@ -25,11 +25,14 @@ import time
 import numpy as np
 import zmq
 
-from dni_async import checkpoint, metrics, network, wire
+from dni_async.runtime import checkpoint
+from dni_async.nn import metrics
+from dni_async.nn import network
+from dni_async.runtime import wire
 from dni_async.config import ConfigError
-from dni_async.runspec import EVAL_CHUNK, RunSpec, release_ipc
-from dni_async.security import Curve
-from dni_async.timing import Clock
+from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec, release_ipc
+from dni_async.runtime.security import Curve
+from dni_async.measure.clock import Clock
 
 EXIT_PEER_LOST = 3
 
@@ -233,7 +236,7 @@ class Stage:
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         }
         if self.spec.trace:
-            from dni_async import trace
+            from dni_async.measure import trace
             trace.write_spans(self.spec.run_dir, f"stage-{self.rank}", os.getpid(),
                               self.clock.spans)
         self._send(self.control, "stats", meta=stats)

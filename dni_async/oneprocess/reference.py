@@ -13,7 +13,10 @@ import time
 
 import numpy as np
 
-from dni_async import metrics, network, report, stage_model
+from dni_async.nn import metrics
+from dni_async.nn import network
+from dni_async import report
+from dni_async.nn import stage_model
 from dni_async.config import Config
 
 

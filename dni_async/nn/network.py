@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from dni_async import data as data_mod
+from dni_async.data import datasets as data_mod
 from dni_async import nn
 from dni_async.config import Config, ConfigError
-from dni_async.stage_model import StageModel
+from dni_async.nn.stage_model import StageModel
 
 
 def init_weights(cfg: Config, rng: np.random.RandomState, fan_in: int, fan_out: int):

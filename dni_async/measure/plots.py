@@ -55,7 +55,7 @@ def _window(tracks: list, window_ms: float | None):
 
 
 def gantt(trace_path: str, out_path: str, labels: list, window_ms: float | None = None) -> str:
-    from dni_async import trace as trace_mod
+    from dni_async.measure import trace as trace_mod
     plt = _plt()
     with open(trace_path) as fh:
         tr = json.load(fh)

@@ -3,7 +3,7 @@
     dni-async bench --wire --json wire.json
 
 Both sides use the sockets a pipeline uses: PUSH -> PULL over ipc, one each way, made by
-`wire.socket`. This process sends; a child process (`python -m dni_async.wirebench --child`)
+`wire.socket`. This process sends; a child process (`python -m dni_async.measure.wirebench --child`)
 echoes or swallows. For each array size:
 
   latency    median round trip / 2 of one message echoed back (both hops carry the array)
@@ -28,7 +28,7 @@ import time
 import numpy as np
 import zmq
 
-from dni_async import wire
+from dni_async.runtime import wire
 
 SIZES = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20)
 RUN = "wirebench"
@@ -90,9 +90,9 @@ class _Link:
         back_ep = wire.ipc_endpoint(self.dir, "back")
         self.push.bind(to_ep)
         self.pull.bind(back_ep)
-        from dni_async.launch import _die_with_parent, child_env
+        from dni_async.runtime.supervisor import _die_with_parent, child_env
         self.child = subprocess.Popen(
-            [sys.executable, "-m", "dni_async.wirebench", "--child", to_ep, back_ep],
+            [sys.executable, "-m", "dni_async.measure.wirebench", "--child", to_ep, back_ep],
             env=child_env(1), preexec_fn=_die_with_parent)
 
     def close(self) -> None:
@@ -218,7 +218,7 @@ def format_row(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dni_async.wirebench")
+    p = argparse.ArgumentParser(prog="python -m dni_async.measure.wirebench")
     p.add_argument("--child", nargs=2, metavar=("TO", "BACK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dni_async.bounds import own_bound
+from dni_async.measure.bounds import own_bound
 from dni_async.config import Config
 
 # Targets of the issue, checked (never asserted) on launch/wide.toml.

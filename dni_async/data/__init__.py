@@ -1,0 +1,1 @@
+"""Datasets: the seed's binary addition, and classification sets that ship offline."""

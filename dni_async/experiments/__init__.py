@@ -1,0 +1,1 @@
+"""Experiments: the results table, sweeps, gradient fidelity, the seed post's DNI run."""
