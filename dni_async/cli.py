@@ -9,7 +9,8 @@ import argparse
 import os
 import sys
 
-from dni_async.config import PRESETS, ArgumentParser, ConfigError, load_toml, make_config
+from dni_async.config import (PRESETS, ArgumentParser, ConfigError, apply_sets, load_toml,
+                              make_config)
 
 EXIT_BAD_INPUT = 2
 
@@ -68,11 +69,7 @@ CONFIG_FLAGS = ("preset", "mode", "dataset", "bits", "n_train", "n_test", "hidde
 def config_from_args(args, default_mode: str | None = None):
     """Settings from --config, then --set, then flags; `default_mode` when none names a mode."""
     values = load_toml(args.config) if getattr(args, "config", None) else {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        values[k.strip().replace("-", "_")] = v.strip()
+    apply_sets(values, args.set)
     for name in CONFIG_FLAGS:
         v = getattr(args, name, None)
         if v is not None:
@@ -200,10 +197,10 @@ def main(argv=None) -> int:
     if not argv:
         argv = ["train"]   # no flags: the demo
     if argv[0] == "bench":   # bench parses its own flags (REMAINDER would drop "--x" ones)
-        from dni_async.measure import bench
+        from dni_async.measure.bench import command as bench
         return bench.main(argv[1:])
     if argv[0] == "experiment":   # parses its own flags, like bench
-        from dni_async.experiments import experiment
+        from dni_async.experiments import command as experiment
         return experiment.main(argv[1:])
     try:
         args, extra = parser.parse_known_args(argv)

@@ -11,13 +11,15 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 
+from dni_async.nn import modes
+
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-MODES = ("backprop", "gpipe", "dni", "cdni")
+MODES = tuple(modes.MODES)
 DTYPES = ("float64", "float32")
 TRANSPORTS = ("ipc", "tcp")
 INITS = ("seed", "xavier", "he")
@@ -104,16 +106,12 @@ class Config:
     def generator_context(self) -> str:
         if self.context != "auto":
             return self.context
-        return "hy" if self.mode == "cdni" else "h"
+        return modes.MODES[self.mode].context or "h"
 
     @property
     def task(self) -> str:
         """What the outputs are: independent bits (binary addition) or one class per row."""
         return "bits" if self.dataset == "binary-addition" else "classes"
-
-    @property
-    def decoupled(self) -> bool:
-        return self.mode in ("dni", "cdni")
 
     def batches_per_epoch(self) -> int:
         return self.n_train // self.batch_size
@@ -187,6 +185,16 @@ def read_toml(path: str, what: str = "config") -> dict:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def apply_sets(values: dict, items) -> dict:
+    """`--set KEY=VALUE` items into `values` (dashes in KEY read as underscores)."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        values[k.strip().replace("-", "_")] = v.strip()
+    return values
 
 
 def load_toml(path: str) -> dict:
@@ -291,6 +299,6 @@ def validate(cfg: Config) -> None:
         outside = [h for h in hosts if h and not _is_loopback(h)]
         need(not outside, f"tcp on {', '.join(outside)} reaches beyond this machine: make keys "
              "with `dni-async keys` and set curve_keys, or set allow_insecure = true")
-    if cfg.mode == "gpipe":
-        need(cfg.batch_size % cfg.micro_batches == 0,
-             f"gpipe: batch_size {cfg.batch_size} must divide into {cfg.micro_batches} micro-batches")
+    pieces = modes.MODES[cfg.mode].pieces(cfg)
+    need(cfg.batch_size % pieces == 0,
+         f"{cfg.mode}: batch_size {cfg.batch_size} must divide into {pieces} micro-batches")

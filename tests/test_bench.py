@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from dni_async.measure import bench
+from dni_async.measure.bench import command as bench
+from dni_async.measure.bench import figures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "bench-tiny.toml")
@@ -21,16 +22,16 @@ MODE_KEYS = ("samples_per_s", "speedup", "bound_samples_per_s", "efficiency", "s
 
 def test_steady_rate_leaves_out_the_warmup_epochs():
     hist = [{"seconds": 5.0}, {"seconds": 6.0}, {"seconds": 7.0}]
-    assert bench.steady_rate(hist, 1, 100) == pytest.approx(200 / 2.0)
-    assert bench.steady_rate(hist, 0, 100) == pytest.approx(300 / 7.0)
-    assert bench.steady_rate(hist[:1], 1, 100) == pytest.approx(100 / 5.0)   # nothing else
+    assert figures.steady_rate(hist, 1, 100) == pytest.approx(200 / 2.0)
+    assert figures.steady_rate(hist, 0, 100) == pytest.approx(300 / 7.0)
+    assert figures.steady_rate(hist[:1], 1, 100) == pytest.approx(100 / 5.0)   # nothing else
 
 
 def test_time_to_target_uses_training_seconds():
     hist = [{"seconds": 1.0, "test_bit_acc": 0.5}, {"seconds": 2.0, "test_bit_acc": None},
             {"seconds": 3.0, "test_bit_acc": 0.8}]
-    assert bench.time_to(hist, ("test_bit_acc", 0.7)) == 3.0
-    assert bench.time_to(hist, ("test_bit_acc", 0.9)) is None
+    assert figures.time_to(hist, ("test_bit_acc", 0.7)) == 3.0
+    assert figures.time_to(hist, ("test_bit_acc", 0.9)) is None
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -7,7 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from dni_async.experiments import experiment
+from dni_async.experiments import command as experiment
+from dni_async.experiments import fidelity
+from dni_async.experiments import spec as spec_mod
 from dni_async.oneprocess import reference
 from dni_async.oneprocess import seed_post
 from dni_async.nn import stage_model
@@ -37,7 +39,7 @@ def test_quick_table_runs_the_pipeline_and_writes_every_row(tmp_path):
                           "--images", str(tmp_path / "img" / "results-quick"), "--quiet"])
     assert rc == 0
     text = out.read_text()
-    spec = experiment.load_spec(QUICK)
+    spec = spec_mod.load_spec(QUICK)
     want = [(d, n) for d in spec["dataset"] for n in spec["layers"]]
     assert "dni-async experiment" in text and "table1-quick.toml" in text   # names the command
     assert "| dataset | layers | backprop held-out acc | dni held-out acc | cdni held-out acc" in text
@@ -132,7 +134,7 @@ def test_bad_experiment_files_are_one_clear_line(tmp_path, capsys):
     for text, message in cases.items():
         bad.write_text(text)
         with pytest.raises(ConfigError, match=message):
-            experiment.load_spec(str(bad))
+            spec_mod.load_spec(str(bad))
     assert experiment.main([str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read experiment" in err[0]
@@ -154,7 +156,7 @@ def test_fidelity_leaves_training_unchanged_and_measures(tmp_path):
                   "output_activation": "softmax", "loss": "softmax_xent", "batch_size": 20,
                   "lr": 0.005, "epochs": 3, "generator_lr": 0.0001}
     for mode in ("dni", "cdni"):
-        got = experiment.train_with_fidelity(make_config({**cfg_values, "mode": mode}), every=1)
+        got = fidelity.train_with_fidelity(make_config({**cfg_values, "mode": mode}), every=1)
         want = reference.train(make_config({**cfg_values, "mode": mode}), log=None)
         assert got["weights_sha256"] == want["weights_sha256"]
         assert len(got["rows"]) == 3 * 12
@@ -167,7 +169,7 @@ def test_fidelity_leaves_training_unchanged_and_measures(tmp_path):
     assert stage_model.fidelity(np.ones(3), 2 * np.ones(3))[0] == pytest.approx(1.0)
     assert stage_model.fidelity(np.zeros(3), np.ones(3)) == (0.0, 1.0)
     with pytest.raises(ConfigError):
-        experiment.train_with_fidelity(make_config({**cfg_values, "mode": "backprop"}))
+        fidelity.train_with_fidelity(make_config({**cfg_values, "mode": "backprop"}))
 
 
 def test_fidelity_experiment_draws_its_picture(tmp_path):

@@ -6,6 +6,7 @@ measures with these; docs/benchmarks.md explains them.
 from __future__ import annotations
 
 from dni_async.config import Config
+from dni_async.nn.modes import MODES, mode_of
 
 COMPUTE = ("forward", "backward", "update", "generator")   # busy categories of a training batch
 
@@ -26,7 +27,7 @@ def per_batch_busy(summary: dict, cfg: Config, clock: str | None = None) -> list
     CPU seconds when the stages report them (a stage preempted by other work on the machine
     then does not count the time it did not run), else wall seconds inside the spans."""
     key = _times_key(summary, clock)
-    per = cfg.micro_batches if cfg.mode == "gpipe" else 1
+    per = mode_of(cfg).pieces(cfg)
     out = []
     for s in summary["stages"]:
         batches = s["batches"] / per
@@ -82,4 +83,5 @@ def own_bound(mode: str, row: dict) -> float:
     """A mode's own bound, from t_k timed alone when measured: lockstep backprop's (one batch in
     flight), the ideal pipeline bound for every other mode."""
     src = row.get("alone") or row
-    return src["lockstep_bound_samples_per_s" if mode == "backprop" else "bound_samples_per_s"]
+    lockstep = MODES[mode].bound == "lockstep"
+    return src["lockstep_bound_samples_per_s" if lockstep else "bound_samples_per_s"]

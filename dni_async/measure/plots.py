@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 COLORS = {"forward": "#1f77b4", "backward": "#8c564b", "update": "#ff7f0e", "generator": "#2ca02c",
           "send": "#d62728", "eval": "#9467bd", "wait": "#e0e0e0"}
@@ -17,11 +18,25 @@ MODE_COLORS = {"backprop": "#1f77b4", "gpipe": "#9467bd", "dni": "#2ca02c", "cdn
                "reference": "#7f7f7f", "reference_all_cores": "#000000"}
 
 
-def _plt():
-    import matplotlib
+def pyplot(who: str = "dni-async"):
+    """matplotlib's pyplot drawing to files, or None (said once, on stderr) without the extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"{who}: matplotlib is not installed, so no pictures "
+              "(pip install 'dni-async[plot]')", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
 
 
 def write_all(out: dict, stem: str) -> dict:
@@ -56,7 +71,7 @@ def _window(tracks: list, window_ms: float | None):
 
 def gantt(trace_path: str, out_path: str, labels: list, window_ms: float | None = None) -> str:
     from dni_async.measure import trace as trace_mod
-    plt = _plt()
+    plt = pyplot("bench")
     with open(trace_path) as fh:
         tr = json.load(fh)
     all_tracks = list(trace_mod.tracks(tr).values())
@@ -85,8 +100,7 @@ def gantt(trace_path: str, out_path: str, labels: list, window_ms: float | None 
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
     fig.legend(handles, list(COLORS), loc="upper right", ncol=len(COLORS), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    save(fig, out_path)
     return out_path
 
 
@@ -98,7 +112,7 @@ def _track_order(name: str) -> tuple:
 
 
 def metric_vs_time(out: dict, out_path: str) -> str:
-    plt = _plt()
+    plt = pyplot("bench")
     metric = (out.get("target") or {}).get("metric", "test_bit_acc")
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     series = [(m, r, "-") for m, r in out.get("modes", {}).items()]
@@ -123,14 +137,13 @@ def metric_vs_time(out: dict, out_path: str) -> str:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    save(fig, out_path)
     return out_path
 
 
 def sweep(sw: dict, out_path: str) -> str:
     """Throughput with its bound, speed-up, and the share of the bound reached, per value."""
-    plt = _plt()
+    plt = pyplot("bench")
     fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.2))
     xs = sw["values"]
     bp = ([p["modes"]["backprop"] for p in sw["points"]] if "backprop" in sw["modes"] else None)
@@ -169,6 +182,5 @@ def sweep(sw: dict, out_path: str) -> str:
     ax3.set_ylabel("measured / bound")
     ax3.set_title("share of its bound (low: communication-bound)", loc="left", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    save(fig, out_path)
     return out_path

@@ -11,6 +11,7 @@ import numpy as np
 from dni_async.data import datasets as data_mod
 from dni_async import nn
 from dni_async.config import Config, ConfigError
+from dni_async.nn.modes import mode_of
 from dni_async.nn.stage_model import StageModel
 
 
@@ -44,6 +45,7 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
     dtype = np.dtype(cfg.dtype)
     widths, acts = cfg.widths, cfg.activations()
     n = cfg.n_stages
+    mode = mode_of(cfg)
     ranks = range(n) if ranks is None else ranks
     weights = [init_weights(cfg, rng, widths[k], widths[k + 1]) for k in range(n)]
     models = {}
@@ -53,7 +55,7 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
         layer = nn.Dense(W, b, acts[k])
         last = k == n - 1
         gen = None
-        if cfg.decoupled and not last:
+        if mode.has_generator(k, n):
             ctx = cfg.generator_context()
             ctx_dim = {"h": widths[k + 1], "y": cfg.output_dim,
                        "hy": widths[k + 1] + cfg.output_dim}[ctx]

@@ -10,6 +10,7 @@ distribution (targets reach generators at other moments there).
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import numpy as np
 
@@ -17,52 +18,85 @@ from dni_async.nn import metrics
 from dni_async.nn import network
 from dni_async import report
 from dni_async.nn import stage_model
+from dni_async.nn.modes import mode_of
+from dni_async.nn.program import StageProgram
 from dni_async.config import Config
 
 
-def train_step(models, cfg: Config, step: int, x, y, sums: dict, fidelity=None) -> None:
-    """One batch through every stage; adds its metric sums (taken before updates) to `sums`,
-    in the order the pipeline's coordinator adds them, so the two agree to the last bit.
+class OneProcess:
+    """Every stage's program in this process, in the order a pipeline runs them.
 
-    With `fidelity` (a list) in dni/cdni, every `cfg.fidelity_every` steps it also carries
-    the true dL/dh back from the loss through the forward-pass weights and appends, per
-    stage, how close the synthetic gradient came; the training itself is unchanged."""
-    n = len(models)
-    if cfg.mode == "gpipe":
-        return _gpipe_step(models, cfg, step, x, y, sums)
-    measure = (fidelity is not None and cfg.decoupled and cfg.fidelity_every > 0
-               and step % cfg.fidelity_every == 0)
-    hs = [x]
-    targets = [None] * n
-    w_fwd = [None] * n
-    for k in range(n - 1):
-        hs.append(models[k].forward(hs[k]))
-        if cfg.decoupled:
-            if measure:
-                w_fwd[k] = models[k].layer.W.copy()   # the update below changes W in place
-            targets[k] = models[k].synthetic_update(step, hs[k], hs[k + 1], y,
-                                                    need_grad_input=k > 0)
-    hs.append(models[-1].forward(hs[-1]))
-    g, delta = models[-1].backward_from_loss(hs[n - 1], hs[n], y, need_grad_input=n > 1)
-    metrics.add(sums, metrics.batch_sums(cfg.task, cfg.loss, hs[n], y, delta))
-    if measure:
-        fidelity.append(_fidelity_row(models, step, hs, g, targets, w_fwd))
-    if cfg.decoupled:
-        targets[n - 1] = g
-        for k in range(n - 1):
-            models[k].apply_target(step, targets[k + 1])
-    else:
+    Messages between stages go into queues: a batch's forward messages are run to the last
+    stage first, then the gradients from the last stage back to the first. Each stage thereby
+    sees its messages in the order it sees them as a process in lockstep, which is why lockstep
+    pipelines equal this bit for bit; decoupled pipelines differ only in when targets arrive."""
+
+    def __init__(self, models, cfg: Config):
+        self.models, self.cfg, self.n = models, cfg, len(models)
+        self.mode = mode_of(cfg)
+        self.fwd = [deque() for _ in range(self.n)]
+        self.grad = [deque() for _ in range(self.n)]
+        self.sums = None
+        self.sent = None          # when measuring fidelity: every message of the step
+        self.programs = [StageProgram(m, self.mode, cfg, k, self._sender(k))
+                         for k, m in enumerate(models)]
+
+    def _sender(self, k: int):
+        def send(kind, step, arrays, meta):
+            if self.sent is not None:
+                self.sent.append((k, kind, arrays))
+            if kind == "fwd":
+                self.fwd[k + 1].append((step, arrays[0], arrays[1], meta))
+            elif kind == "grad":
+                self.grad[k - 1].append((step, arrays[0], meta))
+            elif kind == "loss":
+                metrics.add(self.sums, meta["sums"])
+        return send
+
+    def step(self, step: int, x, y, sums: dict, fidelity=None) -> None:
+        """One batch through every stage; adds its metric sums (taken before updates) to
+        `sums`, in the order the pipeline's coordinator adds them, so the two agree to the
+        last bit.
+
+        With `fidelity` (a list), every `cfg.fidelity_every` steps of a mode with generators
+        it also carries the true dL/dh back from the loss through the forward-pass weights and
+        appends, per stage, how close the synthetic gradient came; training is unchanged."""
+        cfg, n = self.cfg, self.n
+        measure = (fidelity is not None and self.mode.has_generator(0, n)
+                   and cfg.fidelity_every > 0 and step % cfg.fidelity_every == 0)
+        w_fwd = [m.layer.W.copy() for m in self.models] if measure else None
+        self.sums, self.sent = sums, ([] if measure else None)
+        pieces = self.mode.pieces(cfg)
+        if pieces == 1:
+            self.fwd[0].append((step, x, y, {}))
+        else:
+            for j, (xm, ym) in enumerate(zip(np.array_split(x, pieces), np.array_split(y, pieces))):
+                self.fwd[0].append((step * pieces + j, xm, ym, {"batch": step, "mb": j, "of": pieces}))
+        for k in range(n):
+            while self.fwd[k]:
+                self.programs[k].on_forward(*self.fwd[k].popleft())
+        if measure:
+            fidelity.append(_fidelity_row(self.models, step, x, self.sent, w_fwd))
         for k in range(n - 2, -1, -1):
-            g = models[k].backward(hs[k], hs[k + 1], g, need_grad_input=k > 0)
+            while self.grad[k]:
+                self.programs[k].on_gradient(*self.grad[k].popleft())
+        self.sums = self.sent = None
 
 
-def _fidelity_row(models, step: int, hs: list, g, targets: list, w_fwd: list) -> dict:
+def train_step(models, cfg: Config, step: int, x, y, sums: dict, fidelity=None) -> None:
+    """One batch, for callers without a `OneProcess` of their own."""
+    OneProcess(models, cfg).step(step, x, y, sums, fidelity)
+
+
+def _fidelity_row(models, step: int, x, sent: list, w_fwd: list) -> dict:
     """Per stage k < N-1: the synthetic dL/dh_k against the true one (cos, relative error),
     and the bootstrapped target it will be trained on against the true one (target_cos)."""
     n = len(models)
+    hs = [x] + [arrays[0] for k, kind, arrays in sent if kind == "fwd"]
+    targets = {k: arrays[0] for k, kind, arrays in sent if kind == "grad"}   # sent by stage k
     row = {"step": step, "cos": [0.0] * (n - 1), "rel": [0.0] * (n - 1),
            "target_cos": [1.0] * (n - 1)}
-    true = g                                       # dL/dh_{N-2}, from the loss
+    true = targets[n - 1]                          # dL/dh_{N-2}, from the loss
     for k in range(n - 2, -1, -1):
         row["cos"][k], row["rel"][k] = stage_model.fidelity(
             models[k].synthetic_gradient(step), true)
@@ -71,19 +105,6 @@ def _fidelity_row(models, step: int, hs: list, g, targets: list, w_fwd: list) ->
         if k > 0:
             true = models[k].layer.delta(hs[k + 1], true).dot(w_fwd[k].T)
     return row
-
-
-def _gpipe_step(models, cfg: Config, step: int, x, y, total: dict) -> None:
-    """Micro-batches through every stage, gradients summed, one update per batch."""
-    n, m = len(models), cfg.micro_batches
-    for xm, ym in zip(np.array_split(x, m), np.array_split(y, m)):
-        hs = [xm]
-        for k in range(n):
-            hs.append(models[k].forward(hs[k]))
-        g, delta = models[-1].micro_backward_from_loss(step, hs[n - 1], hs[n], ym, m)
-        metrics.add(total, metrics.batch_sums(cfg.task, cfg.loss, hs[n], ym, delta))
-        for k in range(n - 2, -1, -1):
-            g = models[k].micro_backward(step, hs[k], hs[k + 1], g, m, need_grad_input=k > 0)
 
 
 def evaluate(models, cfg: Config, x, y, chunk: int = 4096) -> dict:
@@ -105,14 +126,15 @@ def train(cfg: Config, log=print) -> dict:
     bpe, bs = cfg.batches_per_epoch(), cfg.batch_size
     every = report.log_every(cfg)
     history, train_seconds = [], 0.0
-    fidelity = [] if cfg.fidelity_every and cfg.decoupled else None
+    runner = OneProcess(models, cfg)
+    fidelity = [] if cfg.fidelity_every and runner.mode.has_generator(0, cfg.n_stages) else None
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         sums = metrics.empty()
         first = len(fidelity) if fidelity is not None else 0
         for i in range(bpe):
             x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
-            train_step(models, cfg, epoch * bpe + i, x, y, sums, fidelity)
+            runner.step(epoch * bpe + i, x, y, sums, fidelity)
         dt = time.perf_counter() - t0
         train_seconds += dt
         test = None

@@ -27,6 +27,7 @@ import zmq
 from dni_async.runtime import checkpoint
 from dni_async.nn import metrics
 from dni_async.nn import network
+from dni_async.nn.modes import mode_of
 from dni_async import report
 from dni_async.runtime import wire
 from dni_async.config import ConfigError
@@ -50,6 +51,7 @@ class Coordinator:
     def __init__(self, spec: RunSpec):
         self.spec, self.cfg = spec, spec.config
         self.n = self.cfg.n_stages
+        self.mode = mode_of(self.cfg)
         ds, _ = network.load_data_and_rng(self.cfg)
         self.ds = ds
         self.clock = Clock(record_spans=spec.trace)
@@ -171,8 +173,8 @@ class Coordinator:
         waits.discard(msg.kind)
         if not waits:
             del self.open[msg.step]
-            m = self.cfg.micro_batches if self.cfg.mode == "gpipe" else 1
-            if msg.step % m == m - 1:     # gpipe: a batch is done with its last micro-batch
+            m = self.mode.pieces(self.cfg)
+            if msg.step % m == m - 1:     # a batch is done with its last piece
                 self.completed_steps += 1
 
     def _handle(self, ready: dict) -> None:
@@ -229,9 +231,7 @@ class Coordinator:
         """Send the rest of this epoch's batches; False if interrupted (then fully drained)."""
         cfg, ds = self.cfg, self.ds
         bs, bpe = cfg.batch_size, cfg.batches_per_epoch()
-        lockstep = not cfg.decoupled
-        limit = 1 if lockstep else cfg.max_in_flight
-        waits = {"loss", "done"} if lockstep else {"loss"}
+        limit, waits, m = self.mode.batches_in_flight(cfg), self.mode.finishes(), self.mode.pieces(cfg)
         while self.next_batch < bpe:
             if self.interrupted:
                 self._wait_credit(1)
@@ -239,17 +239,15 @@ class Coordinator:
             i = self.next_batch
             b = epoch * bpe + i
             x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
-            if cfg.mode == "gpipe":
-                m = cfg.micro_batches
-                self._wait_credit(1)
+            self._wait_credit(limit * m - m + 1)   # room for this batch's m pieces
+            if m == 1:
+                self.open[b] = set(waits)
+                self._send_batch(b, x, y)
+            else:
                 for j, (xm, ym) in enumerate(zip(np.array_split(x, m), np.array_split(y, m))):
                     step = b * m + j
                     self.open[step] = set(waits)
                     self._send_batch(step, xm, ym, {"batch": b, "mb": j, "of": m})
-            else:
-                self._wait_credit(limit)
-                self.open[b] = set(waits)
-                self._send_batch(b, x, y)
             self.next_batch += 1
         self._wait_credit(1)   # drain: every batch of the epoch is finished
         return True

@@ -28,6 +28,8 @@ import zmq
 from dni_async.runtime import checkpoint
 from dni_async.nn import metrics
 from dni_async.nn import network
+from dni_async.nn.modes import mode_of
+from dni_async.nn.program import StageProgram
 from dni_async.runtime import wire
 from dni_async.config import ConfigError
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec, release_ipc
@@ -59,12 +61,13 @@ class Stage:
                 raise ConfigError(f"stage {rank}: cannot resume from {path}: {exc}") from None
         self.clock = Clock(record_spans=spec.trace)
         self.bad_messages = 0
-        self.waiting: dict[int, tuple] = {}     # lockstep: step -> (x, h) until its gradient
         self.batches = 0
         self.stopping = False
         # the largest array this stage can legitimately receive: anything larger is refused
         rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
         self.max_array_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize
+        self.program = StageProgram(self.model, mode_of(cfg), cfg, rank,
+                                    send=self._send_from_program, span=self.clock.span)
         self.fault = Fault.from_env(rank)
         if self.fault:
             self.fault.maybe_fire(0)
@@ -260,93 +263,43 @@ class Stage:
         if not self._accept(msg, ("fwd", "eval"), (self.cfg.widths[self.rank], self.cfg.output_dim)):
             return
         x, y = msg.arrays
-        step = msg.step
-        if msg.kind == "fwd" and not self._admit(step, x.shape[0]):
-            self.bad_messages += 1
-            return
-        with self.clock.span("forward" if msg.kind == "fwd" else "eval", step):
-            h = self.model.forward(x)
         if msg.kind == "eval":
-            if self.last:
-                sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y)
-                self._send(self.results, "evalres", step, meta={**msg.meta, "sums": sums})
-            else:
-                self._send(self.fwd_out, "eval", step, [h, y], meta=msg.meta)
+            self._evaluate(msg, x, y)
+            return
+        if not self.program.admits_batch(msg.step, x.shape[0]):
+            self.bad_messages += 1
             return
         self.batches += 1
         if self.fault:
             self.fault.maybe_fire(self.batches)
+        self.program.on_forward(msg.step, x, y, msg.meta)
+
+    def _evaluate(self, msg, x, y) -> None:
+        """Forward only, no update; the last stage sends the metric sums back."""
+        with self.clock.span("eval", msg.step):
+            h = self.model.forward(x)
         if self.last:
-            self._last_stage_step(step, x, h, y, msg.meta)
-        elif self.cfg.decoupled:
-            self._send(self.fwd_out, "fwd", step, [h, y], meta=msg.meta)
-            with self.clock.span("update", step):
-                target = self.model.synthetic_update(step, x, h, y, need_grad_input=self.rank > 0)
-            if target is not None:
-                self._send(self.grad_out, "grad", step, [target])
+            sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y)
+            self._send(self.results, "evalres", msg.step, meta={**msg.meta, "sums": sums})
         else:
-            self._send(self.fwd_out, "fwd", step, [h, y], meta=msg.meta)
-            self.waiting[step] = (x, h, msg.meta)
-
-    def _admit(self, step: int, rows: int) -> bool:
-        """A training batch has the configured size, and a lockstep stage holds at most one
-        batch (gpipe: one batch's micro-batches) while it waits for gradients."""
-        gpipe = self.cfg.mode == "gpipe"
-        if rows != self.cfg.batch_size // (self.cfg.micro_batches if gpipe else 1):
-            return False
-        if self.cfg.decoupled or self.last:
-            return True
-        limit = self.cfg.micro_batches if gpipe else 1
-        return step not in self.waiting and len(self.waiting) < limit
-
-    def _last_stage_step(self, step, x, h, y, meta) -> None:
-        need_g = self.rank > 0
-        with self.clock.span("backward", step):
-            delta, g = self.model.loss_delta(h, y, need_grad_input=need_g)
-        self._pass_back_then_apply(step, x, delta, g, meta)
-        sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y, delta)
-        self._send(self.results, "loss", step, meta={**meta, "sums": sums})
-
-    def _pass_back_then_apply(self, step, x, delta, g_prev, meta) -> None:
-        """dL/dx upstream first (when there is an upstream), so the previous stage's backward
-        runs while this one updates."""
-        if g_prev is not None:
-            self._send(self.grad_out, "grad", step, [g_prev], meta=meta)
-        with self.clock.span("update", step):
-            if self.cfg.mode == "gpipe":
-                m = self.cfg.micro_batches
-                self.model.micro_apply(step // m, x, delta, m)
-            else:
-                self.model.apply(x, delta)
+            self._send(self.fwd_out, "eval", msg.step, [h, y], meta=msg.meta)
 
     def _on_grad(self, msg) -> None:
         if not self._accept(msg, ("grad",), (self.cfg.widths[self.rank + 1],)):
             return
         (g,) = msg.arrays
-        step = msg.step
-        if self.cfg.decoupled:
-            if g.shape[0] != self.cfg.batch_size:      # a target is one row per example
-                self.bad_messages += 1
-                return
-            with self.clock.span("generator", step):
-                try:
-                    self.model.apply_target(step, g)
-                except ValueError:      # a target of another shape than the guess it trains
-                    self.bad_messages += 1
-            return
-        entry = self.waiting.pop(step, None)
-        if entry is None or entry[1].shape != g.shape:
+        if not self.program.admits_gradient(msg.step, g.shape[0]):
             self.bad_messages += 1
-            if entry is not None:
-                self.waiting[step] = entry
             return
-        x, h, meta = entry
-        need_g = self.rank > 0
-        with self.clock.span("backward", step):
-            delta, g_prev = self.model.true_delta(h, g, need_grad_input=need_g)
-        self._pass_back_then_apply(step, x, delta, g_prev, meta)
-        if not need_g:
-            self._send(self.results, "done", step, meta=meta)
+        try:
+            self.program.on_gradient(msg.step, g, msg.meta)
+        except ValueError:      # a gradient of another shape than the step it names
+            self.bad_messages += 1
+
+    def _send_from_program(self, kind, step, arrays, meta) -> None:
+        sock = {"fwd": self.fwd_out, "grad": self.grad_out, "loss": self.results,
+                "done": self.results}[kind]
+        self._send(sock, kind, step, arrays, meta)
 
 
 class Fault:

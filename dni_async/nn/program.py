@@ -1,0 +1,137 @@
+"""Runs a mode's programs (`modes.Op` lists) on one stage's `StageModel`.
+
+The same object runs a stage inside a stage process and inside the one-process reference; the
+two differ only in `send`, the function that hands a message on (a socket there, a queue here),
+and in `span`, which times each op. So the order of every operation on a stage's arrays is the
+same in both, and lockstep runs agree bit for bit.
+
+`send(kind, step, arrays, meta)` gets kind "fwd" (h, y), "grad" (dL/dx or a generator target),
+"loss" (meta["sums"]) or "done".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from dni_async.nn import metrics
+from dni_async.nn.modes import Mode, Op
+
+# the clock category each op's time is counted under (sends are timed by whoever sends)
+SPAN = {Op.FORWARD: "forward", Op.SYNTHETIC_UPDATE: "update", Op.LOSS_DELTA: "backward",
+        Op.TRUE_DELTA: "backward", Op.UPDATE: "update", Op.ACCUMULATE: "update",
+        Op.TRAIN_GENERATOR: "generator"}
+
+
+def _no_span(category, step):
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Work:
+    """What one message's program reads and writes as it runs."""
+    step: int
+    x: object = None       # the stage's input rows
+    y: object = None       # the labels
+    g: object = None       # what came back from downstream: dL/dh, or the generator's target
+    meta: dict = field(default_factory=dict)
+    h: object = None
+    delta: object = None
+    upstream: object = None   # dL/dx, or the target for the previous stage's generator
+
+
+class StageProgram:
+    def __init__(self, model, mode: Mode, cfg, rank: int, send, span=_no_span):
+        self.model, self.mode, self.cfg = model, mode, cfg
+        self.rank, self.n = rank, cfg.n_stages
+        self.send, self.span = send, span
+        self.forward_ops = mode.on_forward(rank, self.n)
+        self.gradient_ops = mode.on_gradient(rank, self.n)
+        self.pieces = mode.pieces(cfg)
+        self.held: dict[int, tuple] = {}      # step -> (x, h, meta) while its gradient is out
+        self.handlers = {op: getattr(self, "_" + op.value) for op in Op}
+
+    # -- admission: what a well-formed message must also be to be run ----------------------
+
+    def admits_batch(self, step: int, rows: int) -> bool:
+        """A training batch has the configured size, and a stage that waits for gradients
+        holds no more steps than its mode allows."""
+        if rows != self.cfg.batch_size // self.pieces:
+            return False
+        if Op.HOLD not in self.forward_ops:
+            return True
+        return step not in self.held and len(self.held) < self.mode.holds(self.cfg)
+
+    def admits_gradient(self, step: int, rows: int) -> bool:
+        if Op.RELEASE in self.gradient_ops:
+            entry = self.held.get(step)
+            return entry is not None and entry[1].shape[0] == rows
+        return bool(self.gradient_ops) and rows == self.cfg.batch_size // self.pieces
+
+    # -- running ---------------------------------------------------------------------------
+
+    def on_forward(self, step: int, x, y, meta=None) -> None:
+        self._run(self.forward_ops, Work(step, x, y, meta or {}))
+
+    def on_gradient(self, step: int, g, meta=None) -> None:
+        """Raises ValueError if the gradient does not fit the step it names."""
+        self._run(self.gradient_ops, Work(step, g=g, meta=meta or {}))
+
+    def _run(self, ops, w: Work) -> None:
+        for op in ops:
+            category = SPAN.get(op)
+            if category is None:
+                self.handlers[op](w)
+            else:
+                with self.span(category, w.step):
+                    self.handlers[op](w)
+
+    @property
+    def _needs_upstream(self) -> bool:
+        return self.rank > 0
+
+    def _forward(self, w):
+        w.h = self.model.forward(w.x)
+
+    def _send_forward(self, w):
+        self.send("fwd", w.step, [w.h, w.y], w.meta)
+
+    def _hold(self, w):
+        self.held[w.step] = (w.x, w.h, w.meta)
+
+    def _synthetic_update(self, w):
+        w.upstream = self.model.synthetic_update(w.step, w.x, w.h, w.y,
+                                                 need_grad_input=self._needs_upstream)
+
+    def _loss_delta(self, w):
+        w.delta, w.upstream = self.model.loss_delta(w.h, w.y, need_grad_input=self._needs_upstream)
+
+    def _release(self, w):
+        x, h, meta = self.held[w.step]
+        if h.shape != w.g.shape:
+            raise ValueError(f"gradient for step {w.step} is {w.g.shape}, expected {h.shape}")
+        del self.held[w.step]
+        w.x, w.h, w.meta = x, h, meta
+
+    def _true_delta(self, w):
+        w.delta, w.upstream = self.model.true_delta(w.h, w.g,
+                                                    need_grad_input=self._needs_upstream)
+
+    def _send_grad(self, w):
+        self.send("grad", w.step, [w.upstream], w.meta)
+
+    def _update(self, w):
+        self.model.apply(w.x, w.delta)
+
+    def _accumulate(self, w):
+        self.model.micro_apply(w.step // self.pieces, w.x, w.delta, self.pieces)
+
+    def _report_loss(self, w):
+        sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, w.h, w.y, w.delta)
+        self.send("loss", w.step, [], {**w.meta, "sums": sums})
+
+    def _report_done(self, w):
+        self.send("done", w.step, [], w.meta)
+
+    def _train_generator(self, w):
+        self.model.apply_target(w.step, w.g)
