@@ -1,18 +1,11 @@
-"""One stage process: one layer, its sockets, and the loop that moves its batches.
+"""One stage process: one layer, and the loop that moves its batches.
 
     dni-async stage RUN_DIR/config.json --rank K
 
-Sockets (K is this stage, 0-based):
-  fwd_in   PULL bind     activations (or the coordinator's x) and labels for each batch
-  fwd_out  PUSH connect  to stage K+1's fwd_in
-  grad_in  PULL bind     dL/dh (lockstep) or the generator's target (decoupled) from stage K+1
-  grad_out PUSH connect  to stage K-1's grad_in
-  results  PUSH connect  to the coordinator: loss and eval sums (last stage), `done` (stage 0)
-  control  DEALER        to the coordinator's ROUTER: hello, start, heartbeat, stats, stop
-
-In lockstep modes a stage keeps each batch's input and output until its gradient comes back.
-In dni/cdni it sends its output on, updates from its own synthetic gradient at once, and
-trains its generator whenever the matching target arrives.
+What the stage does with each batch and gradient is its mode's program (`nn.modes`, run by
+`nn.program.StageProgram`, as in the one-process reference); this module is the process around
+it: the loop, the control messages (start, heartbeat, checkpoint, stop), what a message must be
+to be let in, and the final report. Its sockets are in `stage_links.py`.
 """
 
 from __future__ import annotations
@@ -25,22 +18,17 @@ import time
 import numpy as np
 import zmq
 
-from dni_async.runtime import checkpoint
-from dni_async.nn import metrics
-from dni_async.nn import network
+from dni_async.config import ConfigError
+from dni_async.measure.clock import Clock
+from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
-from dni_async.runtime import wire
-from dni_async.config import ConfigError
-from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec, release_ipc
-from dni_async.runtime.security import Curve
-from dni_async.measure.clock import Clock
+from dni_async.runtime import checkpoint
+from dni_async.runtime.faults import Fault
+from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
+from dni_async.runtime.stage_links import PeerLost, StageLinks
 
 EXIT_PEER_LOST = 3
-
-
-class PeerLost(RuntimeError):
-    """The coordinator or a neighbour stopped answering."""
 
 
 class Stage:
@@ -49,8 +37,7 @@ class Stage:
         if not 0 <= rank < cfg.n_stages:
             raise ConfigError(f"rank {rank} is outside 0..{cfg.n_stages - 1}")
         self.spec, self.cfg, self.rank = spec, cfg, rank
-        self.n = cfg.n_stages
-        self.last = rank == self.n - 1
+        self.last = rank == cfg.n_stages - 1
         _, rng = network.load_data_and_rng(cfg)
         self.model = network.build(cfg, rng, ranks=[rank])[0]
         if spec.resume_from:
@@ -60,94 +47,33 @@ class Stage:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"stage {rank}: cannot resume from {path}: {exc}") from None
         self.clock = Clock(record_spans=spec.trace)
-        self.bad_messages = 0
         self.batches = 0
         self.stopping = False
-        # the largest array this stage can legitimately receive: anything larger is refused
-        rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
-        self.max_array_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize
-        self.program = StageProgram(self.model, mode_of(cfg), cfg, rank,
-                                    send=self._send_from_program, span=self.clock.span)
         self.fault = Fault.from_env(rank)
         if self.fault:
             self.fault.maybe_fire(0)
-        self._open_sockets()
+        # the largest array this stage can legitimately receive: anything larger is refused
+        rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
+        max_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize
+        self.links = StageLinks(spec, rank, max_bytes, self.clock)
+        self.program = StageProgram(self.model, mode_of(cfg), cfg, rank,
+                                    send=self.links.send_data, span=self.clock.span)
 
-    # -- sockets --------------------------------------------------------------------------
+    @property
+    def bad_messages(self) -> int:
+        return self.links.bad_messages
 
-    def _open_sockets(self) -> None:
-        ep, k = self.spec.endpoints, self.rank
-        self.ctx = wire.make_context()
-        socks = []
-        timeout_ms = int(self.cfg.peer_timeout_s * 1000)
-        self.curve = None
-        if self.cfg.curve_keys:
-            self.curve = Curve(self.cfg.curve_keys, f"stage-{k}")
-            self.curve.start(self.ctx)
-
-        def make(kind, peer=None, **kw):
-            """peer None: this socket binds (a CURVE server); else it connects to `peer`."""
-            s = wire.socket(self.ctx, kind, **kw)
-            socks.append(s)
-            if self.curve:
-                self.curve.server(s) if peer is None else self.curve.client(s, peer)
-            return s
-
-        frame_cap = max(self.max_array_bytes, wire.DEFAULT_MAX_HEADER)
-        self.fwd_in = make(zmq.PULL, max_msg_bytes=frame_cap)
-        self.fwd_in.bind(ep["fwd_in"][k])
-        self.grad_in = None
-        if not self.last:
-            self.grad_in = make(zmq.PULL, max_msg_bytes=frame_cap)
-            self.grad_in.bind(ep["grad_in"][k])
-        self.fwd_out = self.grad_out = None
-        if not self.last:
-            self.fwd_out = make(zmq.PUSH, peer=f"stage-{k + 1}")
-            self.fwd_out.setsockopt(zmq.SNDTIMEO, timeout_ms)
-            self.fwd_out.connect(ep["fwd_in"][k + 1])
-        if k > 0:
-            self.grad_out = make(zmq.PUSH, peer=f"stage-{k - 1}")
-            self.grad_out.setsockopt(zmq.SNDTIMEO, timeout_ms)
-            self.grad_out.connect(ep["grad_in"][k - 1])
-        self.results = make(zmq.PUSH, peer="coordinator")
-        self.results.setsockopt(zmq.SNDTIMEO, timeout_ms)
-        self.results.connect(ep["results"])
-        self.control = make(zmq.DEALER, peer="coordinator", max_msg_bytes=1 << 20)
-        self.control.setsockopt(zmq.IDENTITY, f"stage-{k}".encode())
-        self.control.setsockopt(zmq.SNDTIMEO, timeout_ms)
-        self.control.connect(ep["control"])
-        self.sockets = socks
-        self.poller = zmq.Poller()
-        for s in (self.control, self.fwd_in, self.grad_in):
-            if s is not None:
-                self.poller.register(s, zmq.POLLIN)
+    def _count_bad(self) -> None:
+        self.links.bad_messages += 1
 
     def close(self) -> None:
-        if self.curve:
-            self.curve.stop()
-        wire.close_all(self.ctx, self.sockets)
-        ep = self.spec.endpoints
-        release_ipc([ep["fwd_in"][self.rank], ep["grad_in"][self.rank]])
-
-    def _send(self, sock, kind, step=-1, arrays=(), meta=None) -> None:
-        with self.clock.span("send", step):
-            try:
-                wire.send(sock, self.spec.run_id, kind, step, arrays, meta)
-            except zmq.Again:
-                raise PeerLost(f"stage {self.rank}: a peer took no {kind} message for "
-                               f"{self.cfg.peer_timeout_s:.0f} s") from None
-
-    def _recv(self, sock):
-        try:
-            return wire.recv(sock, self.spec.run_id, 0, max_array_bytes=self.max_array_bytes)
-        except wire.WireError:
-            self.bad_messages += 1
-            return None
+        self.links.close()
 
     # -- life cycle -----------------------------------------------------------------------
 
     def run(self) -> int:
-        self._send(self.control, "hello", meta={"rank": self.rank, "pid": os.getpid(),
+        control = self.links.control
+        self.links.send(control, "hello", meta={"rank": self.rank, "pid": os.getpid(),
                                                 "host": os.uname().nodename})
         self.heard = time.monotonic()
         self.next_beat = time.monotonic() + self.cfg.heartbeat_s
@@ -161,8 +87,8 @@ class Stage:
         while time.monotonic() < deadline:
             if _interrupted_at:
                 raise KeyboardInterrupt
-            if self.control.poll(100):
-                msg = self._recv(self.control)
+            if self.links.control.poll(100):
+                msg = self.links.recv(self.links.control)
                 if msg is None:
                     continue
                 self.heard = time.monotonic()
@@ -174,23 +100,21 @@ class Stage:
                        f"{self.cfg.startup_timeout_s:.0f} s")
 
     def _pump(self, timeout_s: float) -> None:
+        links = self.links
         with self.clock.span("wait"):
-            ready = dict(self.poller.poll(int(timeout_s * 1000)))
+            ready = dict(links.poller.poll(int(timeout_s * 1000)))
         now = time.monotonic()
         if now >= self.next_beat:
-            self._send(self.control, "heartbeat", meta={"batches": self.batches})
+            links.send(links.control, "heartbeat", meta={"batches": self.batches})
             self.next_beat = now + self.cfg.heartbeat_s
-        if self.control in ready:
+        if links.control in ready:
             self._on_control()
         # gradients first: they free memory and unblock lockstep
-        if self.grad_in is not None and self.grad_in in ready:
-            msg = self._recv(self.grad_in)
-            if msg is not None:
-                self._on_grad(msg)
-        if self.fwd_in in ready:
-            msg = self._recv(self.fwd_in)
-            if msg is not None:
-                self._on_fwd(msg)
+        for sock, handle in ((links.grad_in, self._on_grad), (links.fwd_in, self._on_fwd)):
+            if sock is not None and sock in ready:
+                msg = links.recv(sock)
+                if msg is not None:
+                    handle(msg)
         if _interrupted_at and time.monotonic() - _interrupted_at > INTERRUPT_GRACE_S:
             raise KeyboardInterrupt   # nobody came to stop us gracefully
         if time.monotonic() - self.heard > self.cfg.peer_timeout_s:
@@ -198,7 +122,7 @@ class Stage:
                            f"{self.cfg.peer_timeout_s:.0f} s")
 
     def _on_control(self) -> None:
-        msg = self._recv(self.control)
+        msg = self.links.recv(self.links.control)
         if msg is None:
             return
         self.heard = time.monotonic()
@@ -207,33 +131,32 @@ class Stage:
         elif msg.kind == "checkpoint":
             self._checkpoint(msg.meta)
         elif msg.kind not in ("heartbeat", "start"):
-            self.bad_messages += 1
+            self._count_bad()
 
     def _checkpoint(self, meta) -> None:
         """Snapshot this stage into the folder the coordinator names; answer with its hash."""
         folder = meta.get("dir")
         if not isinstance(folder, str):
-            self.bad_messages += 1
+            self._count_bad()
             return
         name = f"stage-{self.rank}.npz"
+        control = self.links.control
         try:
             os.makedirs(folder, exist_ok=True)
             digest = checkpoint.save_arrays(os.path.join(folder, name), self.model.snapshot())
-            self._send(self.control, "ack", meta={"file": name, "sha256": digest,
-                                                  "dir": folder})
+            self.links.send(control, "ack", meta={"file": name, "sha256": digest, "dir": folder})
         except OSError as exc:
-            self._send(self.control, "error", meta={"message": f"checkpoint failed: {exc}"})
+            self.links.send(control, "error", meta={"message": f"checkpoint failed: {exc}"})
 
     def _finish(self) -> None:
         """Save the final weights, report, and leave the loop."""
         checkpoint.save_arrays(os.path.join(self.spec.run_dir, f"stage-{self.rank}.npz"),
                                self.model.arrays())
-        wall = self.clock.elapsed()
         stats = {
             "rank": self.rank, "pid": os.getpid(), "batches": self.batches,
             "weights_sha256": self.model.weights_sha256(),
             "times": self.clock.totals, "cpu_times": self.clock.cpu,
-            "wall": wall, "busy": self.clock.busy(),
+            "wall": self.clock.elapsed(), "busy": self.clock.busy(),
             "bad_messages": self.bad_messages, "counters": self.model.counters,
             "generator_sq_error": self.model.generator_sq_error,
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
@@ -242,7 +165,7 @@ class Stage:
             from dni_async.measure import trace
             trace.write_spans(self.spec.run_dir, f"stage-{self.rank}", os.getpid(),
                               self.clock.spans)
-        self._send(self.control, "stats", meta=stats)
+        self.links.send(self.links.control, "stats", meta=stats)
         self.stopping = True
 
     # -- data plane -----------------------------------------------------------------------
@@ -256,7 +179,7 @@ class Stage:
                       for a, w in zip(arrs, widths))
               and len({a.shape[0] for a in arrs}) == 1)
         if not ok:
-            self.bad_messages += 1
+            self._count_bad()
         return ok
 
     def _on_fwd(self, msg) -> None:
@@ -267,7 +190,7 @@ class Stage:
             self._evaluate(msg, x, y)
             return
         if not self.program.admits_batch(msg.step, x.shape[0]):
-            self.bad_messages += 1
+            self._count_bad()
             return
         self.batches += 1
         if self.fault:
@@ -280,57 +203,21 @@ class Stage:
             h = self.model.forward(x)
         if self.last:
             sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y)
-            self._send(self.results, "evalres", msg.step, meta={**msg.meta, "sums": sums})
+            self.links.send_data("evalres", msg.step, meta={**msg.meta, "sums": sums})
         else:
-            self._send(self.fwd_out, "eval", msg.step, [h, y], meta=msg.meta)
+            self.links.send_data("eval", msg.step, [h, y], meta=msg.meta)
 
     def _on_grad(self, msg) -> None:
         if not self._accept(msg, ("grad",), (self.cfg.widths[self.rank + 1],)):
             return
         (g,) = msg.arrays
         if not self.program.admits_gradient(msg.step, g.shape[0]):
-            self.bad_messages += 1
+            self._count_bad()
             return
         try:
             self.program.on_gradient(msg.step, g, msg.meta)
         except ValueError:      # a gradient of another shape than the step it names
-            self.bad_messages += 1
-
-    def _send_from_program(self, kind, step, arrays, meta) -> None:
-        sock = {"fwd": self.fwd_out, "grad": self.grad_out, "loss": self.results,
-                "done": self.results}[kind]
-        self._send(sock, kind, step, arrays, meta)
-
-
-class Fault:
-    """Fault injection for tests and demonstrations: DNI_ASYNC_FAULT="RANK:exit|hang:BATCH".
-
-    `exit` ends the process abruptly (os._exit, as a crash would) when it reaches its BATCH-th
-    batch (0: at start-up); `hang` stops its loop there without exiting, as a deadlock would.
-    """
-
-    def __init__(self, kind: str, at: int):
-        self.kind, self.at = kind, at
-
-    @classmethod
-    def from_env(cls, rank: int):
-        spec = os.environ.get("DNI_ASYNC_FAULT", "")
-        try:
-            r, kind, at = spec.split(":")
-            if int(r) == rank and kind in ("exit", "hang"):
-                return cls(kind, int(at))
-        except ValueError:
-            pass
-        return None
-
-    def maybe_fire(self, batches: int) -> None:
-        if batches != self.at:
-            return
-        print(f"stage: injected fault {self.kind} at batch {batches}", file=sys.stderr, flush=True)
-        if self.kind == "exit":
-            os._exit(17)
-        while True:
-            time.sleep(3600)
+            self._count_bad()
 
 
 INTERRUPT_GRACE_S = 1.5

@@ -1,0 +1,128 @@
+"""The coordinator's control plane: one ROUTER that every stage's DEALER connects to.
+
+Stages say hello, send heartbeats from their own loops, confirm checkpoints and send their
+final stats here; the coordinator sends start, heartbeats, checkpoint and stop. A stage that
+stays silent for `peer_timeout_s` is reported lost, so a stuck loop is caught as surely as a
+dead process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from dni_async.runtime import wire
+
+
+class StageLost(RuntimeError):
+    """A stage died, hung, or failed; the message names it."""
+
+
+class ControlPlane:
+    def __init__(self, ctx, spec, curve=None):
+        self.spec, self.cfg, self.n = spec, spec.config, spec.config.n_stages
+        self.socket = wire.socket(ctx, zmq.ROUTER, max_msg_bytes=1 << 20)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.SNDTIMEO, int(self.cfg.peer_timeout_s * 1000))
+        if curve:
+            curve.server(self.socket)
+        self.socket.bind(spec.endpoints["control"])
+        self.last_seen: dict[int, float] = {}
+        self.pids: dict[int, int] = {}
+        self.stats: dict[int, dict] = {}     # each stage's final report
+        self.acks: dict[int, dict] = {}      # checkpoint confirmations
+        self.bad_messages = 0
+        self.next_beat = float("inf")        # no heartbeats before the start
+
+    def to_stage(self, rank: int, kind: str, meta=None) -> None:
+        frames = wire.encode(self.spec.run_id, kind, -1, (), meta)
+        try:
+            self.socket.send_multipart([f"stage-{rank}".encode(), *frames])
+        except zmq.ZMQError as exc:   # unroutable (stage gone) or send timeout
+            raise StageLost(f"stage {rank} is unreachable ({exc.strerror})") from None
+
+    def broadcast(self, kind: str, meta=None) -> None:
+        for k in range(self.n):
+            self.to_stage(k, kind, meta)
+
+    def try_stop_all(self) -> None:
+        """Best effort: tell every stage to stop, without waiting for answers."""
+        for k in range(self.n):
+            try:
+                self.to_stage(k, "stop")
+            except (StageLost, zmq.ZMQError):
+                pass
+
+    def on_message(self) -> None:
+        """Read one message from a stage and file what it says."""
+        frames = self.socket.recv_multipart(copy=False)
+        try:
+            msg = wire.decode(frames[1:], self.spec.run_id, max_array_bytes=0)
+        except wire.WireError:
+            self.bad_messages += 1
+            return
+        rank = _rank_of(frames[0].bytes, self.n)
+        if rank is None:
+            self.bad_messages += 1
+            return
+        self.last_seen[rank] = time.monotonic()
+        if msg.kind == "hello":
+            self.pids[rank] = msg.meta.get("pid")
+        elif msg.kind == "stats" and _valid_stats(msg.meta):
+            self.stats[rank] = msg.meta
+        elif msg.kind == "ack" and all(isinstance(msg.meta.get(k), str) for k in ("file", "sha256")):
+            self.acks[rank] = msg.meta
+        elif msg.kind == "error":
+            raise StageLost(f"stage {rank} failed: {msg.meta.get('message', '?')}")
+        elif msg.kind != "heartbeat":
+            self.bad_messages += 1
+
+    def start(self) -> None:
+        self.broadcast("start")
+        self.next_beat = time.monotonic() + self.cfg.heartbeat_s
+
+    def beat_and_check(self, last_step: int) -> None:
+        """Heartbeats out when due; a stage silent for too long ends the run."""
+        now = time.monotonic()
+        if now >= self.next_beat:
+            self.broadcast("heartbeat")
+            self.next_beat = now + self.cfg.heartbeat_s
+        for k in range(self.n):
+            if now - self.last_seen.get(k, now) > self.cfg.peer_timeout_s:
+                raise StageLost(f"stage {k} has been silent for {now - self.last_seen[k]:.1f} s "
+                                f"(last completed step {last_step})")
+
+    def missing(self, have: dict) -> list:
+        return sorted(set(range(self.n)) - set(have))
+
+    def collect_stats(self) -> None:
+        """Tell every stage to stop and wait (bounded) for each one's final stats."""
+        self.broadcast("stop")
+        deadline = time.monotonic() + self.cfg.peer_timeout_s
+        while len(self.stats) < self.n and time.monotonic() < deadline:
+            if self.socket.poll(100):
+                self.on_message()
+        if len(self.stats) < self.n:
+            raise StageLost(f"stage(s) {self.missing(self.stats)} sent no final stats")
+
+
+def _valid_stats(meta: dict) -> bool:
+    """A stage's final report, before the summary relies on it."""
+    num = (int, float)
+    return (isinstance(meta.get("weights_sha256"), str) and isinstance(meta.get("rank"), int)
+            and type(meta.get("busy")) in num and type(meta.get("wall")) in num
+            and type(meta.get("bad_messages")) is int and isinstance(meta.get("counters"), dict)
+            and isinstance(meta.get("times"), dict))
+
+
+def _rank_of(ident: bytes, n: int):
+    try:
+        name = ident.decode()
+        if name.startswith("stage-"):
+            k = int(name[6:])
+            if 0 <= k < n:
+                return k
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return None

@@ -1,0 +1,39 @@
+"""Fault injection for tests and demonstrations: DNI_ASYNC_FAULT="RANK:exit|hang:BATCH".
+
+`exit` ends the stage process abruptly (os._exit, as a crash would) when it reaches its
+BATCH-th batch (0: at start-up); `hang` stops its loop there without exiting, as a deadlock
+would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+KINDS = ("exit", "hang")
+
+
+class Fault:
+    def __init__(self, kind: str, at: int):
+        self.kind, self.at = kind, at
+
+    @classmethod
+    def from_env(cls, rank: int):
+        spec = os.environ.get("DNI_ASYNC_FAULT", "")
+        try:
+            r, kind, at = spec.split(":")
+            if int(r) == rank and kind in KINDS:
+                return cls(kind, int(at))
+        except ValueError:
+            pass
+        return None
+
+    def maybe_fire(self, batches: int) -> None:
+        if batches != self.at:
+            return
+        print(f"stage: injected fault {self.kind} at batch {batches}", file=sys.stderr, flush=True)
+        if self.kind == "exit":
+            os._exit(17)
+        while True:
+            time.sleep(3600)

@@ -1,0 +1,102 @@
+"""A stage's sockets: its links to the neighbours and the coordinator, and sending on them.
+
+K is this stage, 0-based:
+  fwd_in   PULL bind     activations (or the coordinator's x) and labels for each batch
+  fwd_out  PUSH connect  to stage K+1's fwd_in
+  grad_in  PULL bind     dL/dh (lockstep) or the generator's target (decoupled) from stage K+1
+  grad_out PUSH connect  to stage K-1's grad_in
+  results  PUSH connect  to the coordinator: loss and eval sums (last stage), `done` (stage 0)
+  control  DEALER        to the coordinator's ROUTER: hello, start, heartbeat, stats, stop
+
+Every send is bounded by `peer_timeout_s`: a peer that takes nothing for that long is lost.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from dni_async.runtime import wire
+from dni_async.runtime.runspec import release_ipc
+from dni_async.runtime.security import Curve
+
+
+class PeerLost(RuntimeError):
+    """The coordinator or a neighbour stopped answering."""
+
+
+class StageLinks:
+    def __init__(self, spec, rank: int, max_array_bytes: int, clock):
+        self.spec, self.cfg, self.rank, self.clock = spec, spec.config, rank, clock
+        self.max_array_bytes = max_array_bytes
+        self.bad_messages = 0
+        ep, k, last = spec.endpoints, rank, rank == spec.config.n_stages - 1
+        self.ctx = wire.make_context()
+        socks = []
+        timeout_ms = int(self.cfg.peer_timeout_s * 1000)
+        self.curve = None
+        if self.cfg.curve_keys:
+            self.curve = Curve(self.cfg.curve_keys, f"stage-{k}")
+            self.curve.start(self.ctx)
+
+        def make(kind, peer=None, **kw):
+            """peer None: this socket binds (a CURVE server); else it connects to `peer`."""
+            s = wire.socket(self.ctx, kind, **kw)
+            socks.append(s)
+            if self.curve:
+                self.curve.server(s) if peer is None else self.curve.client(s, peer)
+            if kind != zmq.PULL:
+                s.setsockopt(zmq.SNDTIMEO, timeout_ms)
+            return s
+
+        self.sockets = socks
+        frame_cap = max(max_array_bytes, wire.DEFAULT_MAX_HEADER)
+        self.fwd_in = make(zmq.PULL, max_msg_bytes=frame_cap)
+        self.fwd_in.bind(ep["fwd_in"][k])
+        self.grad_in = self.fwd_out = self.grad_out = None
+        if not last:
+            self.grad_in = make(zmq.PULL, max_msg_bytes=frame_cap)
+            self.grad_in.bind(ep["grad_in"][k])
+            self.fwd_out = make(zmq.PUSH, peer=f"stage-{k + 1}")
+            self.fwd_out.connect(ep["fwd_in"][k + 1])
+        if k > 0:
+            self.grad_out = make(zmq.PUSH, peer=f"stage-{k - 1}")
+            self.grad_out.connect(ep["grad_in"][k - 1])
+        self.results = make(zmq.PUSH, peer="coordinator")
+        self.results.connect(ep["results"])
+        self.control = make(zmq.DEALER, peer="coordinator", max_msg_bytes=1 << 20)
+        self.control.setsockopt(zmq.IDENTITY, f"stage-{k}".encode())
+        self.control.connect(ep["control"])
+        self.poller = zmq.Poller()
+        for s in (self.control, self.fwd_in, self.grad_in):
+            if s is not None:
+                self.poller.register(s, zmq.POLLIN)
+        # where each kind of message a stage's program sends goes
+        self.route = {"fwd": self.fwd_out, "grad": self.grad_out, "loss": self.results,
+                      "done": self.results, "evalres": self.results, "eval": self.fwd_out}
+
+    def close(self) -> None:
+        if self.curve:
+            self.curve.stop()
+        wire.close_all(self.ctx, self.sockets)
+        ep = self.spec.endpoints
+        release_ipc([ep["fwd_in"][self.rank], ep["grad_in"][self.rank]])
+
+    def send(self, sock, kind, step=-1, arrays=(), meta=None) -> None:
+        with self.clock.span("send", step):
+            try:
+                wire.send(sock, self.spec.run_id, kind, step, arrays, meta)
+            except zmq.Again:
+                raise PeerLost(f"stage {self.rank}: a peer took no {kind} message for "
+                               f"{self.cfg.peer_timeout_s:.0f} s") from None
+
+    def send_data(self, kind, step, arrays=(), meta=None) -> None:
+        """A data-plane message, to wherever its kind goes."""
+        self.send(self.route[kind], kind, step, arrays, meta)
+
+    def recv(self, sock):
+        """One message, or None (counted) if it was not well-formed for this run."""
+        try:
+            return wire.recv(sock, self.spec.run_id, 0, max_array_bytes=self.max_array_bytes)
+        except wire.WireError:
+            self.bad_messages += 1
+            return None

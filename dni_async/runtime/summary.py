@@ -1,0 +1,42 @@
+"""The pipeline run's record: summary.json and metrics.csv, with the same history keys as the
+one-process reference's so the two compare number for number."""
+
+from __future__ import annotations
+
+import os
+
+from dni_async import report
+
+
+def build(coord, final: dict, wall: float) -> dict:
+    cfg, st, spec = coord.cfg, coord.state, coord.spec
+    stages = [coord.control.stats[k] for k in range(coord.n)]
+    total_samples = cfg.epochs * cfg.batches_per_epoch() * cfg.batch_size
+    return {
+        "kind": "pipeline",
+        "run_id": spec.run_id,
+        "run_dir": spec.run_dir,
+        "config": cfg.to_dict(),
+        "endpoints": spec.endpoints,
+        "history": st.history,
+        "final": final,
+        "wall_seconds": wall,
+        "train_seconds": st.train_seconds,
+        "samples_per_s": total_samples / st.train_seconds if st.train_seconds else 0.0,
+        "weights_sha256": [s["weights_sha256"] for s in stages],
+        "stage_busy": [s["busy"] / s["wall"] if s["wall"] else 0.0 for s in stages],
+        "stages": stages,
+        "bad_messages": {"coordinator": coord.bad_messages + coord.control.bad_messages,
+                         **{f"stage-{s['rank']}": s["bad_messages"] for s in stages}},
+        "coordinator_times": coord.clock.totals,
+        "checkpoint_seconds": coord.checkpoints,
+        "machine": report.machine(),
+    }
+
+
+def write(spec, summary: dict, clock) -> None:
+    report.write_json(os.path.join(spec.run_dir, "summary.json"), summary)
+    report.write_history_csv(os.path.join(spec.run_dir, "metrics.csv"), summary["history"])
+    if spec.trace:
+        from dni_async.measure import trace
+        trace.write_spans(spec.run_dir, "coordinator", os.getpid(), clock.spans)
