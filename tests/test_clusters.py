@@ -1,0 +1,426 @@
+"""The multi-host recipes, run for real on this machine.
+
+- launch/ssh-launch.sh against OpenSSH servers: one network namespace per host, an sshd in each,
+  joined by a bridge that also carries the launching host (the root namespace), CURVE keys.
+- launch/slurm.sbatch under Slurm: a one-node cluster of the test's own (munged, slurmctld and
+  slurmd on private sockets and ports, configured by files written here), one task per process.
+
+They need root and the Debian packages openssh-server, slurm-wlm, munge and iproute2; without
+them they skip, except when CI is set (.ci/run installs them): then they fail. Every daemon,
+process, namespace and link they start is ended by its id, pass or fail."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, cli, need, procs_mentioning, wait_gone
+from dni_async.config import make_config
+from dni_async.oneprocess import reference
+
+EPOCHS = 30
+TRAIN = ["--preset", "tiny", "--mode", "backprop"]
+
+
+def sh(*cmd, timeout=30):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def reference_sha() -> list:
+    return reference.train(make_config({"mode": "backprop", "epochs": EPOCHS}, preset="tiny"),
+                           log=None)["weights_sha256"]
+
+
+def dni_command(tmp) -> dict:
+    """The scripts' default is this repository's .venv/bin/dni-async (CI has it); otherwise
+    the Python running the tests, through a wrapper at one path for every host."""
+    if os.path.exists(os.path.join(ROOT, ".venv", "bin", "dni-async")):
+        return {}
+    wrapper = tmp / "dni-async"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m dni_async \"$@\"\n")
+    wrapper.chmod(0o755)
+    return {"DNI_ASYNC": str(wrapper)}
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def kill_left(text: str) -> list:
+    """Processes whose command line still mentions `text` after a grace period: killed, named."""
+    left = wait_gone(text, 10.0)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
+
+
+# -- ssh: one sshd per network namespace ----------------------------------------------------
+
+HOSTS = {"coordinator": ("dnsc", "10.78.0.1"), "stage-0": ("dns0", "10.78.0.2"),
+         "stage-1": ("dns1", "10.78.0.3"), "stage-2": ("dns2", "10.78.0.4")}
+BRIDGE, LAUNCHER = "dnsbr", "10.78.0.254"
+
+
+def ssh_teardown():
+    for ns, _ in HOSTS.values():
+        sh("ip", "netns", "del", ns)
+        sh("ip", "link", "del", f"v{ns}")
+    sh("ip", "link", "del", BRIDGE)
+
+
+@pytest.fixture
+def ssh_hosts(tmp_path):
+    """Four 'hosts' (network namespaces) with an sshd each, reachable from this namespace as
+    10.78.0.1-4; yields the environment that points ssh-launch.sh at them."""
+    need(os.geteuid() == 0, "needs root to make network namespaces and run sshd")
+    missing = [t for t in ("ip", "ssh", "ssh-keygen", "/usr/sbin/sshd") if not shutil.which(t)]
+    need(not missing, f"needs openssh-server, openssh-client and iproute2 (missing: {missing})")
+    d = tmp_path / "ssh"
+    d.mkdir()
+    for key in ("host", "user"):
+        assert sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / key).returncode == 0
+    (d / "authorized_keys").write_text((d / "user.pub").read_text())
+    addrs = ",".join(a for _, a in HOSTS.values())
+    (d / "known_hosts").write_text(f"{addrs} {(d / 'host.pub').read_text()}")
+    (d / "ssh_config").write_text(
+        f"Host *\n  IdentityFile {d}/user\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {d}/known_hosts\n  StrictHostKeyChecking yes\n"
+        "  ConnectTimeout 5\n  LogLevel ERROR\n")
+    made_privsep = not os.path.isdir("/run/sshd")    # sshd's privilege separation folder
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+
+    ssh_teardown()
+    daemons = []
+    try:
+        ok = all(sh(*c).returncode == 0 for c in [
+            ("ip", "link", "add", BRIDGE, "type", "bridge"), ("ip", "link", "set", BRIDGE, "up"),
+            ("ip", "addr", "add", f"{LAUNCHER}/24", "dev", BRIDGE)])
+        for ns, addr in HOSTS.values():
+            ok = ok and all(sh(*c).returncode == 0 for c in [
+                ("ip", "netns", "add", ns),
+                ("ip", "link", "add", f"v{ns}", "type", "veth", "peer", "name", "eth0", "netns", ns),
+                ("ip", "link", "set", f"v{ns}", "master", BRIDGE),
+                ("ip", "link", "set", f"v{ns}", "up"),
+                ("ip", "netns", "exec", ns, "ip", "addr", "add", f"{addr}/24", "dev", "eth0"),
+                ("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up"),
+                ("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")])
+        need(ok, "this machine does not permit network namespaces with a bridge")
+        for ns, addr in HOSTS.values():
+            conf = d / f"sshd-{ns}.conf"
+            conf.write_text(
+                f"ListenAddress {addr}\nPort 22\nHostKey {d}/host\n"
+                f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+                f"StrictModes no\nPidFile {d}/sshd-{ns}.pid\n")
+            # -D: sshd stays in the foreground, so its pid is this Popen's (ip netns exec execs)
+            daemons.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, "/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
+                stdout=subprocess.DEVNULL, stderr=open(d / f"sshd-{ns}.log", "w")))
+        deadline = time.monotonic() + 20
+        for _, addr in HOSTS.values():
+            while True:
+                try:
+                    socket.create_connection((addr, 22), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, (d / "sshd-dnsc.log").read_text()
+                    time.sleep(0.1)
+        env = {"SSH_OPTS": f"-F {d}/ssh_config", **dni_command(tmp_path)}
+        yield env
+    finally:
+        for p in daemons:
+            stop(p)
+        ssh_teardown()
+        if made_privsep:
+            shutil.rmtree("/run/sshd", ignore_errors=True)
+
+
+def ssh_launch(tmp_path, env, epochs, **kw):
+    """Start launch/ssh-launch.sh with CURVE keys on the four namespaces."""
+    keys = tmp_path / "keys"
+    if not keys.exists():
+        assert cli("keys", keys, "--stages", 3).returncode == 0
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# NAME ADDRESS\n" + "".join(f"{n} {a}\n" for n, (_, a) in HOSTS.items()))
+    run_dir = tmp_path / "run"
+    full_env = dict(os.environ, **env, CURVE_KEYS=str(keys),
+                    BASE_PORT=str(random.randint(20000, 60000)))
+    return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "ssh-launch.sh"), str(hosts),
+                             str(run_dir), *TRAIN, "--epochs", str(epochs)],
+                            cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw), run_dir
+
+
+def wait_training(run_dir, proc, timeout=60):
+    """Until the stage processes exist and had a moment to train."""
+    deadline = time.monotonic() + timeout
+    while len(procs_mentioning(f"{run_dir}/config.json --rank")) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(3)
+
+
+def test_ssh_launch_across_namespaces_equals_the_reference(tmp_path, ssh_hosts):
+    """Four hosts, one sshd each, CURVE on every socket: the lockstep run trains, and its final
+    weights are bit for bit those of the one-process reference."""
+    proc, run_dir = ssh_launch(tmp_path, ssh_hosts, EPOCHS)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+        left = kill_left(str(run_dir))
+    assert proc.returncode == 0, err
+    assert f"epoch    {EPOCHS}/{EPOCHS}" in out, out
+    assert not left, f"processes left behind: {left}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["endpoints"]["fwd_in"][1].startswith("tcp://10.78.0.3:")   # stage 1's host
+    assert summary["config"]["curve_keys"] == str(tmp_path / "keys")
+    assert summary["weights_sha256"] == reference_sha()
+
+
+def test_ssh_launch_names_a_killed_stage_and_stops_everyone(tmp_path, ssh_hosts):
+    proc, run_dir = ssh_launch(tmp_path, ssh_hosts, 100000)
+    try:
+        wait_training(run_dir, proc)
+        pid = int((run_dir / ".ssh-launch" / "stage-1.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        stop(proc)
+        left = kill_left(str(run_dir))
+    assert proc.returncode == 3, err
+    assert "stage 1 is unreachable" in err or "stage 1 has been silent" in err, err
+    assert "ssh-launch: coordinator on 10.78.0.1 exited with status 3" in err, err
+    assert took < 15 and not left, (took, left)
+
+
+def test_ssh_launch_stops_every_remote_process_on_sigterm(tmp_path, ssh_hosts):
+    proc, run_dir = ssh_launch(tmp_path, ssh_hosts, 100000)
+    try:
+        wait_training(run_dir, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop(proc)
+        left = kill_left(str(run_dir))
+    assert proc.returncode == 130, err
+    assert "ssh-launch: stopping every process" in err and "interrupted at step" in err, err
+    assert (run_dir / "stopped.json").exists()
+    assert not left, f"processes left behind: {left}"
+
+
+# -- Slurm: a one-node cluster of the test's own --------------------------------------------
+
+SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue",
+               "scancel", "sinfo")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """munged, slurmctld and slurmd started here on private sockets and ports; yields the
+    environment (SLURM_CONF) that sbatch, srun and scontrol need to find them."""
+    need(os.geteuid() == 0, "needs root to run slurmd and munged")
+    missing = [t for t in SLURM_TOOLS if not shutil.which(t)]
+    need(not missing, f"needs slurm-wlm and munge (missing: {missing})")
+    d = tmp_path_factory.mktemp("slurm")
+    (d / "state").mkdir()
+    (d / "spool").mkdir()
+    key = d / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    node = socket.gethostname().split(".")[0]
+    conf = d / "slurm.conf"
+    conf.write_text(f"""\
+ClusterName=dnitest
+SlurmctldHost={node}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+AuthInfo=socket={d}/munge.sock
+CredType=cred/munge
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+ReturnToService=2
+MinJobAge=600
+KillWait=5
+NodeName={node} NodeAddr=127.0.0.1 CPUs=8 RealMemory=1000 State=UNKNOWN
+PartitionName=dni Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""")
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    logs = {name: open(d / f"{name}.out", "w") for name in ("munged", "slurmctld", "slurmd")}
+    daemons = []
+    try:
+        daemons.append(subprocess.Popen(
+            ["munged", "-F", "--force", f"--socket={d}/munge.sock", f"--key-file={key}",
+             f"--pid-file={d}/munged.pid", f"--seed-file={d}/munged.seed",
+             f"--log-file={d}/munged.log"], stdout=logs["munged"], stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 10
+        while not (d / "munge.sock").exists():
+            assert daemons[0].poll() is None and time.monotonic() < deadline, \
+                (d / "munged.out").read_text()
+            time.sleep(0.05)
+        daemons.append(subprocess.Popen(["slurmctld", "-D", "-i"], env=env,
+                                        stdout=logs["slurmctld"], stderr=subprocess.STDOUT))
+        daemons.append(subprocess.Popen(["slurmd", "-D"], env=env,
+                                        stdout=logs["slurmd"], stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 30
+        while _sinfo(env) != "idle":
+            assert all(p.poll() is None for p in daemons) and time.monotonic() < deadline, \
+                "the Slurm node did not come up: " + (d / "slurmctld.out").read_text()[-2000:] \
+                + (d / "slurmd.out").read_text()[-2000:]
+            time.sleep(0.2)
+        yield {"SLURM_CONF": str(conf), "dir": d}
+    finally:
+        if daemons and len(daemons) == 3 and daemons[1].poll() is None:
+            subprocess.run(["scancel", "--full", "--partition=dni"], env=env,
+                           capture_output=True, timeout=30)
+            deadline = time.monotonic() + 20
+            while _squeue(env) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        for p in reversed(daemons):
+            stop(p)
+        for pid in stepds_of(str(conf)):      # a job step's daemon that outlived slurmd
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for f in logs.values():
+            f.close()
+
+
+def _sinfo(env) -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
+def _squeue(env) -> str:
+    return subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
+def stepds_of(conf: str) -> list:
+    """slurmstepd processes started by this test's slurmd (their environment names its config)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if not fh.read().startswith(b"slurmstepd"):
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if f"SLURM_CONF={conf}".encode() in fh.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def sbatch(slurm, tmp_path, epochs):
+    keys = tmp_path / "keys"
+    assert cli("keys", keys, "--stages", 3).returncode == 0
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    env = dict(os.environ, SLURM_CONF=slurm["SLURM_CONF"], CURVE_KEYS=str(keys),
+               BASE_PORT=str(random.randint(20000, 60000)), **dni_command(tmp_path))
+    r = subprocess.run(["sbatch", "--parsable", "--ntasks=4", f"--output={out}",
+                        "launch/slurm.sbatch", str(run_dir), *TRAIN, "--epochs", str(epochs)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0], run_dir, out
+
+
+def job_state(slurm, job: str) -> dict:
+    r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
+                       env=dict(os.environ, SLURM_CONF=slurm["SLURM_CONF"]), timeout=30)
+    return dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
+
+
+def wait_job(slurm, job: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = job_state(slurm, job)
+        if info.get("JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            return info
+        assert time.monotonic() < deadline, f"job {job} still {info.get('JobState')}"
+        time.sleep(0.2)
+
+
+def test_slurm_job_trains_and_completes(tmp_path, slurm):
+    job, run_dir, out = sbatch(slurm, tmp_path, EPOCHS)
+    try:
+        info = wait_job(slurm, job, 120)
+    finally:
+        left = kill_left(str(run_dir))
+    said = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, said)
+    assert info["NumTasks"] == "4"
+    assert f"epoch    {EPOCHS}/{EPOCHS}" in said, said
+    assert not left, f"processes left behind: {left}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["weights_sha256"] == reference_sha()
+
+
+def test_slurm_job_ends_when_one_task_is_killed(tmp_path, slurm):
+    job, run_dir, out = sbatch(slurm, tmp_path, 100000)
+    try:
+        deadline = time.monotonic() + 60
+        while not procs_mentioning(f"{run_dir}/config.json --rank 1"):
+            assert time.monotonic() < deadline, (job_state(slurm, job), out.read_text())
+            time.sleep(0.1)
+        time.sleep(3)
+        assert job_state(slurm, job)["JobState"] == "RUNNING", out.read_text()
+        for pid in procs_mentioning(f"{run_dir}/config.json --rank 1"):
+            os.kill(pid, signal.SIGKILL)           # stage 1's process, task 2
+        t0 = time.monotonic()
+        info = wait_job(slurm, job, 60)
+        took = time.monotonic() - t0
+    finally:
+        left = kill_left(str(run_dir))
+    said = out.read_text()
+    assert info["JobState"] == "FAILED", (info, said)
+    assert "slurm-task: stage 1 (task 2 on" in said and "was killed by SIGKILL" in said, said
+    assert "dni-async: stage 1 " in said, said           # the coordinator names it too
+    assert "dni-async job: the pipeline failed" in said, said
+    assert took < 30 and not left, (took, left)
