@@ -73,25 +73,32 @@ remote_cmd() {   # the command line one process runs on its host
   echo "mkdir -p $(q "$pid_dir") && echo \$\$ > $(q "$pid_dir/$name.pid") && exec $(q "$dni") $what"
 }
 
-# every host: the run folder, config.json (owner-only: it holds the run id), its keys
-for name in "${names[@]}"; do
-  addr=${addr_of[$name]}
-  copy="umask 077 && mkdir -p $(q "$run_dir") && cat > $(q "$config.part.$name")"
-  copy+=" && mv -f $(q "$config.part.$name") $(q "$config")"   # a rename: safe on a shared folder
-  if [[ -n "${DRY_RUN:-}" ]]; then
-    echo "${ssh_[*]} $addr '$copy' < $config"
-  else
-    "${ssh_[@]}" "$addr" "$copy" < "$config" || { say "cannot write $config on $name ($addr)"; exit 1; }
-  fi
+# every host, all at once, one ssh each: the run folder, config.json (owner-only: it holds the
+# run id) and, with CURVE_KEYS, public/ and the host's own secret key. Files arrive in a
+# temporary folder and are then moved or copied into place, so hosts may share these folders.
+copy_to() {
+  local name=$1 t='"$t"' files=(-C "$run_dir" config.json) put
+  put="umask 077 && mkdir -p $(q "$run_dir") && t=\$(mktemp -d $(q "$run_dir/.incoming-$name").XXXXXX)"
+  put+=" && tar -C $t -xf - && mv -f $t/config.json $(q "$config")"
   if [[ -n "${CURVE_KEYS:-}" ]]; then
-    keys="umask 077 && mkdir -p $(q "$CURVE_KEYS") && tar -C $(q "$CURVE_KEYS") -xf -"
-    if [[ -n "${DRY_RUN:-}" ]]; then
-      echo "tar -C $CURVE_KEYS -cf - public private/$name.key_secret | ${ssh_[*]} $addr '$keys'"
-    else
-      tar -C "$CURVE_KEYS" -cf - public "private/$name.key_secret" | "${ssh_[@]}" "$addr" "$keys" \
-        || { say "cannot copy the keys of $name to $addr:$CURVE_KEYS"; exit 1; }
-    fi
+    files+=(-C "$CURVE_KEYS" public "private/$name.key_secret")
+    put+=" && mkdir -p $(q "$CURVE_KEYS/public") $(q "$CURVE_KEYS/private")"
+    put+=" && cp -p $t/public/*.key $(q "$CURVE_KEYS/public/")"
+    put+=" && cp -p $t/private/$(q "$name").key_secret $(q "$CURVE_KEYS/private/")"
   fi
+  put+=" && rm -rf $t"
+  if [[ -n "${DRY_RUN:-}" ]]; then
+    echo "tar -cf - ${files[*]} | ${ssh_[*]} ${addr_of[$name]} '$put'"
+  else
+    tar -cf - "${files[@]}" | "${ssh_[@]}" "${addr_of[$name]}" "$put"
+  fi
+}
+copies=()
+for name in "${names[@]}"; do
+  if [[ -n "${DRY_RUN:-}" ]]; then copy_to "$name"; else copy_to "$name" & copies+=($!); fi
+done
+for i in "${!copies[@]}"; do
+  wait "${copies[$i]}" || { say "cannot copy the run's files to ${names[$i]} (${addr_of[${names[$i]}]})"; exit 1; }
 done
 
 pids=(); who=()

@@ -2,6 +2,8 @@
 
 - launch/ssh-launch.sh against OpenSSH servers: one network namespace per host, an sshd in each,
   joined by a bridge that also carries the launching host (the root namespace), CURVE keys.
+  Each host also has a file system of its own where the runs go (a tmpfs in a mount namespace
+  of its own), so nothing reaches a host but what the script copies there.
 - launch/slurm.sbatch under Slurm: a one-node cluster of the test's own (munged, slurmctld and
   slurmd on private sockets and ports, configured by files written here), one task per process.
 
@@ -87,9 +89,11 @@ def ssh_teardown():
 @pytest.fixture
 def ssh_hosts(tmp_path):
     """Four 'hosts' (network namespaces) with an sshd each, reachable from this namespace as
-    10.78.0.1-4; yields the environment that points ssh-launch.sh at them."""
+    10.78.0.1-4, each seeing its own empty tmp_path/cluster; yields the environment that points
+    ssh-launch.sh at them."""
     need(os.geteuid() == 0, "needs root to make network namespaces and run sshd")
-    missing = [t for t in ("ip", "ssh", "ssh-keygen", "/usr/sbin/sshd") if not shutil.which(t)]
+    missing = [t for t in ("ip", "ssh", "ssh-keygen", "/usr/sbin/sshd", "unshare", "mount")
+               if not shutil.which(t)]
     need(not missing, f"needs openssh-server, openssh-client and iproute2 (missing: {missing})")
     d = tmp_path / "ssh"
     d.mkdir()
@@ -102,6 +106,8 @@ def ssh_hosts(tmp_path):
         f"Host *\n  IdentityFile {d}/user\n  IdentitiesOnly yes\n"
         f"  UserKnownHostsFile {d}/known_hosts\n  StrictHostKeyChecking yes\n"
         "  ConnectTimeout 5\n  LogLevel ERROR\n")
+    cluster = tmp_path / "cluster"       # here: the launching host's; each host: its own
+    cluster.mkdir()
     made_privsep = not os.path.isdir("/run/sshd")    # sshd's privilege separation folder
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
@@ -128,9 +134,12 @@ def ssh_hosts(tmp_path):
                 f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
                 f"StrictModes no\nPidFile {d}/sshd-{ns}.pid\n")
-            # -D: sshd stays in the foreground, so its pid is this Popen's (ip netns exec execs)
+            # -D: sshd stays in the foreground, so its pid is this Popen's (each step execs);
+            # its sessions see a tmpfs of their own at tmp_path/cluster
             daemons.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns, "/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
+                ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private",
+                 "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec /usr/sbin/sshd -D -e -f "$1"',
+                 str(cluster), str(conf)],
                 stdout=subprocess.DEVNULL, stderr=open(d / f"sshd-{ns}.log", "w")))
         deadline = time.monotonic() + 20
         for _, addr in HOSTS.values():
@@ -151,79 +160,96 @@ def ssh_hosts(tmp_path):
             shutil.rmtree("/run/sshd", ignore_errors=True)
 
 
-def ssh_launch(tmp_path, env, epochs, **kw):
-    """Start launch/ssh-launch.sh with CURVE keys on the four namespaces."""
-    keys = tmp_path / "keys"
-    if not keys.exists():
-        assert cli("keys", keys, "--stages", 3).returncode == 0
+def on_host(env, addr, command) -> str:
+    """Run a shell command on one of the hosts, over ssh; its output."""
+    r = subprocess.run(["ssh", *env["SSH_OPTS"].split(), addr, command], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def ssh_launch(tmp_path, env, epochs):
+    """Start launch/ssh-launch.sh with CURVE keys on the four hosts; output to files."""
+    keys, run_dir = tmp_path / "cluster" / "keys", tmp_path / "cluster" / "run"
+    assert cli("keys", keys, "--stages", 3).returncode == 0
     hosts = tmp_path / "hosts"
     hosts.write_text("# NAME ADDRESS\n" + "".join(f"{n} {a}\n" for n, (_, a) in HOSTS.items()))
-    run_dir = tmp_path / "run"
     full_env = dict(os.environ, **env, CURVE_KEYS=str(keys),
                     BASE_PORT=str(random.randint(20000, 60000)))
-    return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "ssh-launch.sh"), str(hosts),
-                             str(run_dir), *TRAIN, "--epochs", str(epochs)],
-                            cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw), run_dir
+    out, err = tmp_path / "launch.out", tmp_path / "launch.err"
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "ssh-launch.sh"), str(hosts),
+                             str(run_dir), *TRAIN, "--epochs", str(epochs), "--set",
+                             "log_every=100"], cwd=ROOT, env=full_env,
+                            stdout=open(out, "w"), stderr=open(err, "w"))
+    return proc, run_dir, out, err
 
 
-def wait_training(run_dir, proc, timeout=60):
-    """Until the stage processes exist and had a moment to train."""
+def wait_training(proc, out, timeout=60):
+    """Until the coordinator has printed an epoch line: every process is up and training."""
     deadline = time.monotonic() + timeout
-    while len(procs_mentioning(f"{run_dir}/config.json --rank")) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+    while "epoch " not in out.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
         time.sleep(0.1)
-    time.sleep(3)
 
 
 def test_ssh_launch_across_namespaces_equals_the_reference(tmp_path, ssh_hosts):
     """Four hosts, one sshd each, CURVE on every socket: the lockstep run trains, and its final
-    weights are bit for bit those of the one-process reference."""
-    proc, run_dir = ssh_launch(tmp_path, ssh_hosts, EPOCHS)
+    weights are bit for bit those of the one-process reference. Each host got config.json,
+    the public keys and its own secret key only, and kept its own results."""
+    proc, run_dir, out, err = ssh_launch(tmp_path, ssh_hosts, EPOCHS)
     try:
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         stop(proc)
         left = kill_left(str(run_dir))
-    assert proc.returncode == 0, err
-    assert f"epoch    {EPOCHS}/{EPOCHS}" in out, out
+    assert proc.returncode == 0, err.read_text()
+    assert f"epoch    {EPOCHS}/{EPOCHS}" in out.read_text(), out.read_text()
     assert not left, f"processes left behind: {left}"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    coordinator = HOSTS["coordinator"][1]
+    summary = json.loads(on_host(ssh_hosts, coordinator, f"cat {run_dir}/summary.json"))
     assert summary["endpoints"]["fwd_in"][1].startswith("tcp://10.78.0.3:")   # stage 1's host
-    assert summary["config"]["curve_keys"] == str(tmp_path / "keys")
+    assert summary["config"]["curve_keys"] == str(tmp_path / "cluster" / "keys")
     assert summary["weights_sha256"] == reference_sha()
+    for name, (_, addr) in HOSTS.items():
+        there = on_host(ssh_hosts, addr, f"cd {tmp_path}/cluster && ls run keys/private").split()
+        assert f"{name}.key_secret" in there and len([f for f in there if "key_secret" in f]) == 1
+        assert ("summary.json" in there) == (name == "coordinator"), (name, there)
+        assert name == "coordinator" or f"{name}.npz" in there, (name, there)
+    assert sorted(os.listdir(run_dir)) == ["config.json"]      # the launching host: the plan
 
 
 def test_ssh_launch_names_a_killed_stage_and_stops_everyone(tmp_path, ssh_hosts):
-    proc, run_dir = ssh_launch(tmp_path, ssh_hosts, 100000)
+    proc, run_dir, out, err = ssh_launch(tmp_path, ssh_hosts, 100000)
     try:
-        wait_training(run_dir, proc)
-        pid = int((run_dir / ".ssh-launch" / "stage-1.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
+        wait_training(proc, out)
+        on_host(ssh_hosts, HOSTS["stage-1"][1],
+                f"kill -KILL $(cat {run_dir}/.ssh-launch/stage-1.pid)")
         t0 = time.monotonic()
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
         took = time.monotonic() - t0
     finally:
         stop(proc)
         left = kill_left(str(run_dir))
-    assert proc.returncode == 3, err
-    assert "stage 1 is unreachable" in err or "stage 1 has been silent" in err, err
-    assert "ssh-launch: coordinator on 10.78.0.1 exited with status 3" in err, err
+    said = err.read_text()
+    assert proc.returncode == 3, said
+    assert "stage 1 is unreachable" in said or "stage 1 has been silent" in said, said
+    assert "ssh-launch: coordinator on 10.78.0.1 exited with status 3" in said, said
     assert took < 15 and not left, (took, left)
 
 
 def test_ssh_launch_stops_every_remote_process_on_sigterm(tmp_path, ssh_hosts):
-    proc, run_dir = ssh_launch(tmp_path, ssh_hosts, 100000)
+    proc, run_dir, out, err = ssh_launch(tmp_path, ssh_hosts, 100000)
     try:
-        wait_training(run_dir, proc)
+        wait_training(proc, out)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
         stop(proc)
         left = kill_left(str(run_dir))
-    assert proc.returncode == 130, err
-    assert "ssh-launch: stopping every process" in err and "interrupted at step" in err, err
-    assert (run_dir / "stopped.json").exists()
+    said = err.read_text()
+    assert proc.returncode == 130, said
+    assert "ssh-launch: stopping every process" in said and "interrupted at step" in said, said
+    on_host(ssh_hosts, HOSTS["coordinator"][1], f"test -e {run_dir}/stopped.json")
     assert not left, f"processes left behind: {left}"
 
 
@@ -358,14 +384,15 @@ def stepds_of(conf: str) -> list:
     return found
 
 
-def sbatch(slurm, tmp_path, epochs):
+def sbatch(slurm, tmp_path, epochs, extra=()):
     keys = tmp_path / "keys"
     assert cli("keys", keys, "--stages", 3).returncode == 0
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
     env = dict(os.environ, SLURM_CONF=slurm["SLURM_CONF"], CURVE_KEYS=str(keys),
                BASE_PORT=str(random.randint(20000, 60000)), **dni_command(tmp_path))
     r = subprocess.run(["sbatch", "--parsable", "--ntasks=4", f"--output={out}",
-                        "launch/slurm.sbatch", str(run_dir), *TRAIN, "--epochs", str(epochs)],
+                        "launch/slurm.sbatch", str(run_dir), *TRAIN, "--epochs", str(epochs),
+                        *extra],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0], run_dir, out
@@ -403,13 +430,13 @@ def test_slurm_job_trains_and_completes(tmp_path, slurm):
 
 
 def test_slurm_job_ends_when_one_task_is_killed(tmp_path, slurm):
-    job, run_dir, out = sbatch(slurm, tmp_path, 100000)
+    job, run_dir, out = sbatch(slurm, tmp_path, 100000, ["--set", "log_every=100"])
     try:
         deadline = time.monotonic() + 60
-        while not procs_mentioning(f"{run_dir}/config.json --rank 1"):
-            assert time.monotonic() < deadline, (job_state(slurm, job), out.read_text())
+        while not (out.exists() and "epoch " in out.read_text()):   # every task is training
+            assert time.monotonic() < deadline, (job_state(slurm, job), out.exists()
+                                                 and out.read_text())
             time.sleep(0.1)
-        time.sleep(3)
         assert job_state(slurm, job)["JobState"] == "RUNNING", out.read_text()
         for pid in procs_mentioning(f"{run_dir}/config.json --rank 1"):
             os.kill(pid, signal.SIGKILL)           # stage 1's process, task 2
