@@ -20,7 +20,7 @@ while true; do
   wait "$child" 2>/dev/null; rc=$?   # (bash's own "Killed" line: the one below says more)
   kill -0 "$child" 2>/dev/null || break
 done
-if [[ $rc -gt 128 ]]; then
+if [[ $rc -gt 128 && $rc -ne 130 ]]; then   # 130: dni-async's own "interrupted, stopped in order"
   echo "slurm-task: $who (task $rank on $(hostname -s)) was killed by SIG$(kill -l $((rc - 128)))" >&2
 fi
 exit $rc

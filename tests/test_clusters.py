@@ -451,3 +451,27 @@ def test_slurm_job_ends_when_one_task_is_killed(tmp_path, slurm):
     assert "dni-async: stage 1 " in said, said           # the coordinator names it too
     assert "dni-async job: the pipeline failed" in said, said
     assert took < 30 and not left, (took, left)
+
+
+def test_slurm_scancel_with_sigint_stops_the_job_in_order(tmp_path, slurm):
+    """scancel --signal=INT is Ctrl-C for the job: a checkpoint, then every task ends."""
+    job, run_dir, out = sbatch(slurm, tmp_path, 100000, ["--set", "log_every=100"])
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and "epoch " in out.read_text()):
+            assert time.monotonic() < deadline, (job_state(slurm, job), out.exists()
+                                                 and out.read_text())
+            time.sleep(0.1)
+        r = subprocess.run(["scancel", "--signal=INT", job], capture_output=True, text=True,
+                           env=dict(os.environ, SLURM_CONF=slurm["SLURM_CONF"]), timeout=30)
+        assert r.returncode == 0, r.stderr
+        info = wait_job(slurm, job, 30)
+    finally:
+        left = kill_left(str(run_dir))
+    said = out.read_text()
+    assert "dni-async: interrupted at step" in said and "stopped in order" in said, said
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped["checkpoint"] and os.path.exists(
+        os.path.join(stopped["checkpoint"], "manifest.json")), stopped
+    assert "was killed" not in said and not left, (said, left)
+    assert info["ExitCode"] == "130:0", info
