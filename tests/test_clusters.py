@@ -475,3 +475,25 @@ def test_slurm_scancel_with_sigint_stops_the_job_in_order(tmp_path, slurm):
         os.path.join(stopped["checkpoint"], "manifest.json")), stopped
     assert "was killed" not in said and not left, (said, left)
     assert info["ExitCode"] == "130:0", info
+
+
+def test_a_port_left_in_time_wait_is_not_refused():
+    """Submitting again on the same node and ports right after a run: the connections that run
+    closed leave its ports in TIME_WAIT for a minute; ZeroMQ binds them (SO_REUSEADDR), so the
+    check before start must not refuse them. A port someone listens on still is."""
+    from dni_async.config import ConfigError
+    from dni_async.runtime.runspec import check_ports_free
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen()
+    port = lst.getsockname()[1]
+    ep = {"control": f"tcp://127.0.0.1:{port}", "results": None, "fwd_in": [], "grad_in": []}
+    with pytest.raises(ConfigError, match="in use"):
+        check_ports_free(ep)
+    conn = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = lst.accept()
+    accepted.close()            # the listening side closes first: its port goes to TIME_WAIT
+    conn.close()
+    lst.close()
+    check_ports_free(ep)
