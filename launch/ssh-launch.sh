@@ -102,17 +102,23 @@ for i in "${!copies[@]}"; do
 done
 
 pids=(); who=()
-stop_all() {   # ask every process to stop (SIGTERM: the coordinator stops in order), then wait
+signal_remote() {   # signal_remote SIG NAME...: signal those processes through their pid files
+  local sig=$1 name sent=(); shift
+  for name in "$@"; do
+    "${ssh_[@]}" -n "${addr_of[$name]}" \
+      "kill -$sig \$(cat $(q "$pid_dir/$name.pid") 2>/dev/null) 2>/dev/null || true" &
+    sent+=($!)
+  done
+  wait "${sent[@]}" 2>/dev/null || true
+}
+any_alive() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+stop_all() {   # as Ctrl-C in a terminal: the coordinator drains, checkpoints, stops the stages
   trap '' INT TERM
   say "stopping every process"
-  for name in "${names[@]}"; do
-    "${ssh_[@]}" "${addr_of[$name]}" \
-      "kill -TERM \$(cat $(q "$pid_dir/$name.pid") 2>/dev/null) 2>/dev/null || true" </dev/null || true
-  done
-  for _ in $(seq 50); do
-    kill -0 "${pids[@]}" 2>/dev/null || break
-    sleep 0.1
-  done
+  local stages=("${names[@]/#coordinator/}")
+  signal_remote INT coordinator ${stages[@]}   # a stage on SIGINT waits 1.5 s for that stop
+  for _ in $(seq 100); do any_alive || break; sleep 0.1; done
+  if any_alive; then signal_remote KILL "${names[@]}"; sleep 1; fi
   kill "${pids[@]}" 2>/dev/null || true
   exit 130
 }

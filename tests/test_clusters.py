@@ -173,7 +173,9 @@ def ssh_launch(tmp_path, env, epochs):
     keys, run_dir = tmp_path / "cluster" / "keys", tmp_path / "cluster" / "run"
     assert cli("keys", keys, "--stages", 3).returncode == 0
     hosts = tmp_path / "hosts"
-    hosts.write_text("# NAME ADDRESS\n" + "".join(f"{n} {a}\n" for n, (_, a) in HOSTS.items()))
+    # listed backwards: stages are ordered by their names, not by their lines
+    hosts.write_text("# NAME ADDRESS\n\n" + "".join(f"{n}   {a}\n"
+                                                    for n, (_, a) in reversed(HOSTS.items())))
     full_env = dict(os.environ, **env, CURVE_KEYS=str(keys),
                     BASE_PORT=str(random.randint(20000, 60000)))
     out, err = tmp_path / "launch.out", tmp_path / "launch.err"
