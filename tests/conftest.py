@@ -24,6 +24,16 @@ def pytest_sessionfinish(session):
         faulthandler.dump_traceback_later(60, exit=True, file=sys.__stderr__)
 
 
+def need(ok: bool, why: str) -> None:
+    """Skip a test whose machine lacks something (root, a tool), with the reason; but when the
+    environment variable CI is set, the machine was set up for it: fail instead of skipping."""
+    if ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set, so this test must run, but {why}", pytrace=False)
+    pytest.skip(why)
+
+
 def procs_mentioning(text: str) -> list:
     """PIDs of live processes whose command line contains `text` (e.g. a run folder)."""
     found = []

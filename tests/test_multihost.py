@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, cli
+from conftest import ROOT, cli, need
 from dni_async.oneprocess import reference
 from dni_async.config import make_config
 
@@ -94,8 +94,8 @@ def netns_teardown():
 
 @pytest.fixture
 def namespaces():
-    if shutil.which("ip") is None or os.geteuid() != 0:
-        pytest.skip("needs iproute2 and root to make network namespaces")
+    need(shutil.which("ip") is not None and os.geteuid() == 0,
+         "needs iproute2 and root to make network namespaces")
     netns_teardown()
     ok = sh("ip", "link", "add", "dnibr", "type", "bridge").returncode == 0
     ok = ok and sh("ip", "link", "set", "dnibr", "up").returncode == 0
@@ -112,7 +112,7 @@ def namespaces():
         ok = all(sh(*c).returncode == 0 for c in steps)
     if not ok:
         netns_teardown()
-        pytest.skip("this machine does not permit network namespaces with a bridge")
+        need(False, "this machine does not permit network namespaces with a bridge")
     yield lambda who: ["ip", "netns", "exec", {"c": "dnic", "s0": "dni0", "s1": "dni1",
                                                "s2": "dni2"}[who]]
     netns_teardown()

@@ -121,6 +121,8 @@ def check_ports_free(endpoints: dict) -> None:
             continue
         host, port = ep[len("tcp://"):].rsplit(":", 1)
         s = pysocket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM)
+        # as ZeroMQ binds: a port left in TIME_WAIT by a run that just ended is free to it
+        s.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
         try:
             s.bind((host, int(port)))
         except OSError as exc:
