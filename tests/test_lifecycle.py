@@ -1,5 +1,6 @@
 """Every process we start, we end: after success, Ctrl-C, a crash, a hang, a lost coordinator."""
 
+import json
 import os
 import signal
 import subprocess
@@ -120,3 +121,19 @@ def test_children_die_with_a_killed_train(no_leftovers):
     proc.kill()
     proc.wait()
     assert not wait_gone(str(no_leftovers), 3.0)
+
+
+@pytest.mark.parametrize("mode", ["backprop", "gpipe", "cdni"])
+def test_a_lost_message_ends_the_run_naming_the_step(no_leftovers, mode):
+    """Stage 1 silently drops what it would send on for its 30th batch (step 29): the run
+    must end with an error that names the step and where it was last seen, not hang."""
+    flags = ["--preset", "tiny", "--mode", mode, "--epochs", "200", "--batch-size", "20"]
+    t0 = time.monotonic()
+    proc = start_train(no_leftovers, *flags, env={"DNI_ASYNC_FAULT": "1:drop:30"})
+    rc, err = finish(proc, 60)
+    assert rc != 0 and time.monotonic() - t0 < 60
+    assert "step 29 was lost" in err, err
+    assert "stage 1: received it, did not send it on" in err, err
+    assert not wait_gone(str(no_leftovers), 5.0)
+    failure = json.loads((no_leftovers / "failure.json").read_text())
+    assert "29" in failure["open_steps"] and failure["last_completed_step"] >= 0

@@ -32,6 +32,7 @@ class ControlPlane:
         self.pids: dict[int, int] = {}
         self.stats: dict[int, dict] = {}     # each stage's final report
         self.acks: dict[int, dict] = {}      # checkpoint confirmations
+        self.seen: dict[int, dict] = {}      # each stage's last heartbeat: steps in and out
         self.bad_messages = 0
         self.next_beat = float("inf")        # no heartbeats before the start
 
@@ -75,7 +76,10 @@ class ControlPlane:
             self.acks[rank] = msg.meta
         elif msg.kind == "error":
             raise StageLost(f"stage {rank} failed: {msg.meta.get('message', '?')}")
-        elif msg.kind != "heartbeat":
+        elif msg.kind == "heartbeat":
+            self.seen[rank] = {k: v for k, v in msg.meta.items()
+                               if isinstance(v, list) and all(type(s) is int for s in v)}
+        else:
             self.bad_messages += 1
 
     def start(self) -> None:
@@ -105,6 +109,38 @@ class ControlPlane:
                 self.on_message()
         if len(self.stats) < self.n:
             raise StageLost(f"stage(s) {self.missing(self.stats)} sent no final stats")
+
+
+def trail(step: int, seen: dict, n: int) -> str:
+    """Where a step was last seen, from the stages' heartbeats (the recent steps on each link):
+    who received it, who sent it on."""
+    parts = []
+    for k in range(n):
+        s = seen.get(k)
+        if s is None:
+            parts.append(f"stage {k}: no report")
+            continue
+
+        def has(link, default=False):
+            steps = s.get(link)
+            return default if steps is None else step in steps
+        got_fwd = has("fwd_in")
+        sent_fwd = k == n - 1 or has("fwd_out")
+        got_grad = k == n - 1 or has("grad_in")
+        sent_grad = k == 0 or has("grad_out")
+        if not got_fwd:
+            parts.append(f"stage {k}: did not receive it")
+        elif not sent_fwd:
+            parts.append(f"stage {k}: received it, did not send it on")
+        elif k > 0 and sent_grad and not got_grad:      # decoupled: its target went upstream
+            parts.append(f"stage {k}: sent it on and a target upstream, no gradient back")
+        elif not got_grad:
+            parts.append(f"stage {k}: sent it on, no gradient back")
+        elif not sent_grad:
+            parts.append(f"stage {k}: got its gradient, sent none upstream")
+        else:
+            parts.append(f"stage {k}: passed it on" + (" both ways" if k < n - 1 else ""))
+    return "; ".join(parts)
 
 
 def _valid_stats(meta: dict) -> bool:

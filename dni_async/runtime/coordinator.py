@@ -26,11 +26,11 @@ from dni_async.measure.clock import Clock
 from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
 from dni_async.runtime import summary, wire
-from dni_async.runtime.control import ControlPlane, StageLost
+from dni_async.runtime.control import ControlPlane, StageLost, trail
 from dni_async.runtime.credits import OpenSteps
 from dni_async.runtime.evaluation import Evaluations, Interrupted
 from dni_async.runtime.run_state import RunState, take_checkpoint
-from dni_async.runtime.runspec import RunSpec, release_ipc
+from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec, release_ipc
 from dni_async.runtime.security import Curve
 
 EXIT_STAGE_LOST = 3
@@ -47,8 +47,10 @@ class Coordinator:
         self.credits = OpenSteps(mode_of(self.cfg), self.cfg)
         self.state = RunState.restore(spec.resume_from) if spec.resume_from else RunState()
         self.credits.completed_batches = self.state.completed_steps
+        rows = min(EVAL_CHUNK, max(self.cfg.n_train, self.cfg.n_test)) / self.cfg.batch_size
         self.evals = Evaluations(self._feed, lambda: self.pump(self.cfg.heartbeat_s),
-                                 lambda: self.interrupted)
+                                 lambda: self.interrupted,
+                                 lambda: self.credits.deadline_s(scale=max(1.0, rows)))
         self.interrupted = False
         self.last_checkpoint = None
         self.checkpoints = []     # seconds each checkpoint took
@@ -127,6 +129,13 @@ class Coordinator:
             ready = dict(self.poller.poll(int(timeout_s * 1000)))
         self._handle(ready)
         self.control.beat_and_check(self.credits.completed_batches - 1)
+        late = self.credits.overdue()
+        if late:
+            step, age, limit = late
+            waits = ", ".join(sorted(self.credits.open[step]))
+            raise StageLost(f"step {step} was lost: after {age:.1f} s (deadline {limit:.1f} s) "
+                            f"it still waits for {waits}; last seen: "
+                            f"{trail(step, self.control.seen, self.n)}")
 
     # -- the run --------------------------------------------------------------------------
 
@@ -276,7 +285,10 @@ def main(spec_path: str) -> int:
         else:
             print(f"dni-async: {exc}", file=sys.stderr)
         report.write_json(os.path.join(spec.run_dir, "failure.json"),
-                          {"error": str(exc), "last_completed_step": last_step()})
+                          {"error": str(exc), "last_completed_step": last_step(),
+                           "open_steps": {str(s): sorted(w) for s, w in coord.credits.open.items()},
+                           "stages_last_seen": {f"stage-{k}": v
+                                                for k, v in sorted(coord.control.seen.items())}})
         coord.control.try_stop_all()
         return EXIT_STAGE_LOST
     except KeyboardInterrupt:

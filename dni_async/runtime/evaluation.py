@@ -8,7 +8,10 @@ mistaken for a later evaluation's.
 
 from __future__ import annotations
 
+import time
+
 from dni_async.nn import metrics
+from dni_async.runtime.control import StageLost
 from dni_async.runtime.runspec import EVAL_CHUNK
 
 EVAL_STEPS = 1000    # step ids per evaluation
@@ -19,8 +22,9 @@ class Interrupted(Exception):
 
 
 class Evaluations:
-    def __init__(self, send, pump, interrupted):
+    def __init__(self, send, pump, interrupted, deadline_s):
         self.send, self.pump, self.interrupted = send, pump, interrupted
+        self.deadline_s = deadline_s      # how long one evaluation may take, measured
         self.awaited: set[int] = set()
         self.abandoned: set[int] = set()
         self.results: dict[int, dict] = {}
@@ -38,6 +42,8 @@ class Evaluations:
     def run(self, x, y, tag: int) -> dict:
         """Metric sums of the whole set; raises Interrupted if asked to stop meanwhile."""
         steps = []
+        t0 = time.monotonic()
+        limit = self.deadline_s() * max(1, -(-len(x) // EVAL_CHUNK))
         for j, i in enumerate(range(0, len(x), EVAL_CHUNK)):
             step = tag * EVAL_STEPS + j
             steps.append(step)
@@ -50,6 +56,10 @@ class Evaluations:
                 for s in steps:
                     self.results.pop(s, None)
                 raise Interrupted
+            if time.monotonic() - t0 > limit:
+                lost = [s for s in steps if s not in self.results]
+                raise StageLost(f"evaluation {tag} was lost: step(s) {lost} not back after "
+                                f"{limit:.1f} s")
             self.pump()
         total = metrics.empty()
         for s in steps:

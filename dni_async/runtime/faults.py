@@ -1,8 +1,9 @@
-"""Fault injection for tests and demonstrations: DNI_ASYNC_FAULT="RANK:exit|hang:BATCH".
+"""Fault injection for tests and demonstrations: DNI_ASYNC_FAULT="RANK:exit|hang|drop:BATCH".
 
 `exit` ends the stage process abruptly (os._exit, as a crash would) when it reaches its
 BATCH-th batch (0: at start-up); `hang` stops its loop there without exiting, as a deadlock
-would.
+would; `drop` silently discards what the stage would send on for that batch (its output, or
+on the last stage its loss), as a connection reset loses what ZeroMQ had queued.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 import time
 
-KINDS = ("exit", "hang")
+KINDS = ("exit", "hang", "drop")
 
 
 class Fault:
@@ -29,10 +30,13 @@ class Fault:
             pass
         return None
 
-    def maybe_fire(self, batches: int) -> None:
+    def maybe_fire(self, batches: int) -> bool:
+        """Fire at the BATCH-th batch; True when this batch's message on is to be dropped."""
         if batches != self.at:
-            return
+            return False
         print(f"stage: injected fault {self.kind} at batch {batches}", file=sys.stderr, flush=True)
+        if self.kind == "drop":
+            return True
         if self.kind == "exit":
             os._exit(17)
         while True:

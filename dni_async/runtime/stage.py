@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 
 import numpy as np
 import zmq
@@ -26,7 +27,7 @@ from dni_async.nn.program import StageProgram
 from dni_async.runtime import checkpoint
 from dni_async.runtime.faults import Fault
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
-from dni_async.runtime.stage_links import PeerLost, StageLinks
+from dni_async.runtime.stage_links import RECENT, PeerLost, StageLinks
 
 EXIT_PEER_LOST = 3
 
@@ -48,6 +49,8 @@ class Stage:
                 raise ConfigError(f"stage {rank}: cannot resume from {path}: {exc}") from None
         self.clock = Clock(record_spans=spec.trace)
         self.batches = 0
+        # the recent steps received on each link, reported in heartbeats: where a lost step was
+        self.seen = {"fwd_in": deque(maxlen=RECENT), "grad_in": deque(maxlen=RECENT)}
         self.stopping = False
         self.fault = Fault.from_env(rank)
         if self.fault:
@@ -105,7 +108,9 @@ class Stage:
             ready = dict(links.poller.poll(int(timeout_s * 1000)))
         now = time.monotonic()
         if now >= self.next_beat:
-            links.send(links.control, "heartbeat", meta={"batches": self.batches})
+            links.send(links.control, "heartbeat",
+                       meta={"batches": self.batches,
+                             **{k: list(v) for k, v in (*self.seen.items(), *links.sent.items())}})
             self.next_beat = now + self.cfg.heartbeat_s
         if links.control in ready:
             self._on_control()
@@ -193,8 +198,9 @@ class Stage:
             self._count_bad()
             return
         self.batches += 1
-        if self.fault:
-            self.fault.maybe_fire(self.batches)
+        self.seen["fwd_in"].append(msg.step)
+        if self.fault and self.fault.maybe_fire(self.batches):
+            self.links.drop_next = msg.step
         self.program.on_forward(msg.step, x, y, msg.meta)
 
     def _evaluate(self, msg, x, y) -> None:
@@ -211,6 +217,7 @@ class Stage:
         if not self._accept(msg, ("grad",), (self.cfg.widths[self.rank + 1],)):
             return
         (g,) = msg.arrays
+        self.seen["grad_in"].append(msg.step)
         if not self.program.admits_gradient(msg.step, g.shape[0]):
             self._count_bad()
             return

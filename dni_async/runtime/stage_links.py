@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import zmq
 
+from collections import deque
+
 from dni_async.runtime import wire
 from dni_async.runtime.runspec import release_ipc
 from dni_async.runtime.security import Curve
+
+
+RECENT = 64     # steps remembered per link, for naming where a lost one was last seen
 
 
 class PeerLost(RuntimeError):
@@ -29,6 +34,8 @@ class StageLinks:
         self.spec, self.cfg, self.rank, self.clock = spec, spec.config, rank, clock
         self.max_array_bytes = max_array_bytes
         self.bad_messages = 0
+        self.sent = {"fwd_out": deque(maxlen=RECENT), "grad_out": deque(maxlen=RECENT)}
+        self.drop_next = None      # fault injection: the step whose message on is discarded
         ep, k, last = spec.endpoints, rank, rank == spec.config.n_stages - 1
         self.ctx = wire.make_context()
         socks = []
@@ -91,7 +98,12 @@ class StageLinks:
 
     def send_data(self, kind, step, arrays=(), meta=None) -> None:
         """A data-plane message, to wherever its kind goes."""
+        if step == self.drop_next and kind in ("fwd", "loss"):
+            self.drop_next = None
+            return
         self.send(self.route[kind], kind, step, arrays, meta)
+        if kind in ("fwd", "grad"):
+            self.sent[f"{kind}_out"].append(step)
 
     def recv(self, sock):
         """One message, or None (counted) if it was not well-formed for this run."""
