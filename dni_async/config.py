@@ -69,6 +69,9 @@ class Config:
     max_in_flight: int = 4
     max_pending: int = 64
     eval_every: int = 1
+    eval_batches: int = 0               # also evaluate held-out every N training batches (0: no)
+    stop_at: str = ""                   # e.g. "test_bit_acc=0.9": stop once an evaluation reaches it
+    time_budget_s: float = 0.0          # stop after this many training seconds (0: no budget)
     log_every: int = 0                  # 0: about 20 lines per run
     heartbeat_s: float = 0.5
     peer_timeout_s: float = 3.0
@@ -260,6 +263,10 @@ def validate(cfg: Config) -> None:
                  "max_pending", "eval_every", "micro_batches"):
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.log_every >= 0, "log_every must be >= 0")
+    need(cfg.eval_batches >= 0, "eval_batches must be >= 0")
+    need(0 <= cfg.time_budget_s < float("inf"), "time_budget_s must be a number of seconds >= 0")
+    from dni_async.progress import parse_target
+    parse_target(cfg.stop_at, "stop_at")
     need(cfg.fidelity_every >= 0, "fidelity_every must be >= 0")
     need(cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")

@@ -9,7 +9,9 @@ import os
 import pytest
 
 from dni_async.measure.bench import command as bench
+from dni_async.config import ConfigError
 from dni_async.measure.bench import figures
+from dni_async.progress import Target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "bench-tiny.toml")
@@ -21,17 +23,42 @@ MODE_KEYS = ("samples_per_s", "speedup", "bound_samples_per_s", "efficiency", "s
 # -- pure parts --------------------------------------------------------------------------------
 
 def test_steady_rate_leaves_out_the_warmup_epochs():
-    hist = [{"seconds": 5.0}, {"seconds": 6.0}, {"seconds": 7.0}]
-    assert figures.steady_rate(hist, 1, 100) == pytest.approx(200 / 2.0)
-    assert figures.steady_rate(hist, 0, 100) == pytest.approx(300 / 7.0)
-    assert figures.steady_rate(hist[:1], 1, 100) == pytest.approx(100 / 5.0)   # nothing else
+    # 100 samples an epoch; the last epoch was cut short at 40 samples (a target was reached)
+    hist = [{"seconds": 5.0, "samples_per_s": 20.0}, {"seconds": 6.0, "samples_per_s": 100.0},
+            {"seconds": 7.0, "samples_per_s": 100.0}, {"seconds": 7.5, "samples_per_s": 80.0}]
+    assert figures.steady_rate(hist, 1) == pytest.approx(240 / 2.5)
+    assert figures.steady_rate(hist, 0) == pytest.approx(340 / 7.5)
+    assert figures.steady_rate(hist[:1], 1) == pytest.approx(100 / 5.0)   # nothing else
 
 
-def test_time_to_target_uses_training_seconds():
-    hist = [{"seconds": 1.0, "test_bit_acc": 0.5}, {"seconds": 2.0, "test_bit_acc": None},
-            {"seconds": 3.0, "test_bit_acc": 0.8}]
-    assert figures.time_to(hist, ("test_bit_acc", 0.7)) == 3.0
-    assert figures.time_to(hist, ("test_bit_acc", 0.9)) is None
+def test_time_to_target_uses_training_seconds_of_the_held_out_curve():
+    curve = [{"seconds": 0.0, "test_bit_acc": 0.5}, {"seconds": 2.0, "test_bit_acc": 0.6},
+             {"seconds": 3.0, "test_bit_acc": 0.8}]
+    assert figures.time_to({"curve": curve}, Target("test_bit_acc", 0.7)) == 3.0
+    assert figures.time_to({"curve": curve}, Target("test_bit_acc", 0.9)) is None
+    assert figures.final_metric({"curve": curve, "final": {}}, "test_bit_acc") == 0.8
+
+
+@pytest.mark.parametrize("value, start, ok", [(0.45, 0.5, False), (0.51, 0.5, False),
+                                              (0.59, 0.58, False), (0.6, 0.5, True)])
+def test_a_target_must_clear_chance_and_the_start(value, start, ok):
+    t = Target("test_bit_acc", value)
+    if ok:
+        figures.check_target(t, 0.5, start)
+    else:
+        with pytest.raises(ConfigError, match="choose at least"):
+            figures.check_target(t, 0.5, start)
+
+
+def test_the_verdict_compares_times_to_target():
+    t = Target("test_bit_acc", 0.8)
+    res = {"backprop": {"time_to_target_s": 6.0}, "cdni": {"time_to_target_s": 4.0}}
+    refs = {"reference_all_cores": {"time_to_target_s": 2.0}}
+    line = figures.verdict(res, refs, t)
+    assert "cdni reaches test_bit_acc=0.8 in 4.0 s, lockstep backprop in 6.0 s" in line
+    assert "pays 1.50x" in line and "all cores: 2.0 s" in line
+    res["cdni"]["time_to_target_s"] = None
+    assert "cdni does not reach" in figures.verdict(res, refs, t)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -39,6 +66,7 @@ def test_time_to_target_uses_training_seconds():
     (["--modes", "backprop,sideways"], "sideways"),
     (["--config", "/nonexistent/x.toml"], "cannot read config"),
     (["--config", TINY, "--target", "accuracy"], "METRIC=VALUE"),
+    (["--config", TINY, "--target", "test_bit_acc=0.3"], "not above chance"),
     (["--config", TINY, "--sweep", "depth=1,2"], "--sweep"),
     (["--config", TINY, "--set", "batch_size=7", "--modes", "gpipe"], "micro-batches"),
     (["--config", TINY, "--json", "/dev/null/sub/out.json"], "not writable"),
@@ -82,6 +110,13 @@ def test_bench_tiny_prints_a_table_and_writes_every_key(tmp_path, capsys):
     assert doc["machine"]["cores"] == os.cpu_count()
     assert {"numpy", "pyzmq", "libzmq", "python", "blas_threads"} <= set(doc["machine"])
     assert doc["generator"]["cdni"]["context"] == "hy"
+    # the verdict: time to a held-out target above chance and the start, on one curve per run
+    assert doc["verdict"] and doc["target"]["chance"] == 0.5
+    assert {"metric", "value", "start"} <= set(doc["target"])
+    for r in doc["modes"].values():
+        assert "time_to_target_speedup" in r
+        assert r["curve"][0]["batches"] == 0 and r["curve"][0]["seconds"] == 0
+        assert r["curve"][-1][doc["target"]["metric"]] == r["final_metric"]
     # same layout, data and initial weights: lockstep modes end on the same weights
     assert doc["modes"]["backprop"]["weights_sha256"] == doc["reference"]["weights_sha256"]
     # weights are not kept unless asked

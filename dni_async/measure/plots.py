@@ -118,22 +118,22 @@ def metric_vs_time(out: dict, out_path: str) -> str:
     series = [(m, r, "-") for m, r in out.get("modes", {}).items()]
     series += [(k, out[k], "--") for k in ("reference", "reference_all_cores") if k in out]
     for name, r, style in series:
-        pts = [(h["seconds"], h[metric if metric != "loss" else "loss"]) for h in r["history"]
-               if h.get(metric if metric != "loss" else "loss") is not None]
+        rows = r.get("curve") or r["history"]
+        pts = [(h["seconds"], h[metric]) for h in rows if h.get(metric) is not None]
         if pts:
             xs, ys = zip(*pts)
             label = name.replace("reference_all_cores", "reference, all cores")
             ax.plot(xs, ys, style, marker="o", ms=3, label=label,
                     color=MODE_COLORS.get(name))
     tgt = out.get("target")
-    if tgt:
+    if tgt and tgt.get("value") is not None:
         ax.axhline(tgt["value"], color="0.5", lw=0.8, ls=":")
         ax.annotate(f"target {tgt['value']:g}", (0, tgt["value"]), fontsize=8, color="0.4",
                     xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("training seconds (evaluation excluded)")
     ax.set_ylabel(metric)
-    ax.set_title("metric against wall-clock training time (median-throughput repeat)", loc="left",
-                 fontsize=10)
+    ax.set_title(out.get("verdict") or "held-out metric against training time", loc="left",
+                 fontsize=8, wrap=True)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

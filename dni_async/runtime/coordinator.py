@@ -21,6 +21,7 @@ import time
 import zmq
 
 from dni_async import report
+from dni_async.progress import Progress
 from dni_async.config import ConfigError
 from dni_async.measure.clock import Clock
 from dni_async.nn import metrics, network
@@ -47,6 +48,8 @@ class Coordinator:
         self.credits = OpenSteps(mode_of(self.cfg), self.cfg)
         self.state = RunState.restore(spec.resume_from) if spec.resume_from else RunState()
         self.credits.completed_batches = self.state.completed_steps
+        self.progress = Progress(self.cfg, self.state.curve, self.state.batches)
+        self.eval_seconds = 0.0
         rows = min(EVAL_CHUNK, max(self.cfg.n_train, self.cfg.n_test)) / self.cfg.batch_size
         self.evals = Evaluations(self._feed, lambda: self.pump(self.cfg.heartbeat_s),
                                  lambda: self.interrupted,
@@ -156,13 +159,17 @@ class Coordinator:
             self.pump(self.cfg.heartbeat_s)
 
     def train_epoch(self, epoch: int) -> bool:
-        """Send the rest of this epoch's batches; False if interrupted (then fully drained)."""
-        cfg, ds, st = self.cfg, self.ds, self.state
+        """Send the rest of this epoch's batches, evaluating at the cadence; False if
+        interrupted (then fully drained). Ends early when `progress` says training is over."""
+        cfg, ds, st, pr = self.cfg, self.ds, self.state, self.progress
         bs, bpe = cfg.batch_size, cfg.batches_per_epoch()
+        t0, self.eval_seconds = time.perf_counter(), 0.0
         while st.next_batch < bpe:
             if self.interrupted:
                 self._drain_credits()
                 return False
+            if pr.out_of_time(st.train_seconds + self._seconds_since(t0)):
+                break
             i = st.next_batch
             while not self.credits.room_for_batch():
                 self.pump(cfg.heartbeat_s)
@@ -170,45 +177,75 @@ class Coordinator:
             for step, xs, ys, meta in self.credits.split(epoch * bpe + i, x, y):
                 self._feed("fwd", step, [xs, ys], meta)
             st.next_batch += 1
-        self._drain_credits()   # every batch of the epoch is finished
+            if pr.trained_one():
+                self._drain_credits()
+                self._held_out(epoch, st.train_seconds + self._seconds_since(t0))
+                if pr.stopped:
+                    break
+        self._drain_credits()   # every batch sent is finished
         return True
 
+    def _seconds_since(self, t0: float) -> float:
+        """Training seconds since t0: evaluations do not count."""
+        return time.perf_counter() - t0 - self.eval_seconds
+
+    def _held_out(self, epoch: int, train_seconds: float) -> dict:
+        """Evaluate the held-out set now and add it to the curve; its metrics."""
+        t0 = time.perf_counter()
+        self.state.n_eval += 1
+        test = metrics.summarize(self.evals.run(self.ds.x_test, self.ds.y_test,
+                                                self.state.n_eval), "test")
+        self.progress.record(epoch, train_seconds, test)
+        self.eval_seconds += time.perf_counter() - t0
+        return test
 
     def run(self, log=print) -> dict | None:
         """Train to the end (returns the summary) or until interrupted (returns None)."""
-        cfg, ds, st = self.cfg, self.ds, self.state
+        cfg, ds, st, pr = self.cfg, self.ds, self.state, self.progress
         wall0 = time.perf_counter()
         self.handshake()
         every = report.log_every(cfg)
-        samples = cfg.batches_per_epoch() * cfg.batch_size
         try:
-            while st.epoch < cfg.epochs:
+            if pr.starting():          # where training starts, for targets above it
+                self._held_out(st.epoch, st.train_seconds)
+            while st.epoch < cfg.epochs and not pr.stopped:
                 epoch = st.epoch
                 if st.next_batch == 0:
                     st.epoch_sums = metrics.empty()
-                t0 = time.perf_counter()
+                first, t0 = st.next_batch, time.perf_counter()
                 finished = self.train_epoch(epoch)
-                dt = time.perf_counter() - t0
+                dt = time.perf_counter() - t0 - self.eval_seconds
                 st.train_seconds += dt
                 if not finished:
                     raise Interrupted
+                if st.next_batch == first:   # stopped before this epoch trained anything
+                    break
                 test = None
-                if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
+                if ((epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
+                        or pr.stopped):
                     # interrupted here: the epoch's training is done; resuming redoes its eval
-                    st.n_eval += 1
-                    test = metrics.summarize(self.evals.run(ds.x_test, ds.y_test, st.n_eval),
-                                             "test")
+                    point = pr.point_at(pr.batches)
+                    test = ({k: point[k] for k in point if k.startswith("test_")} if point
+                            else self._held_out(epoch, st.train_seconds))
                 row = report.history_row(epoch, st.epoch_sums, test, st.train_seconds,
-                                         samples / dt if dt else 0.0)
+                                         (st.next_batch - first) * cfg.batch_size / dt
+                                         if dt else 0.0)
                 st.history.append(row)
                 st.epoch, st.next_batch = epoch + 1, 0
                 self._log_row(log, row, every)
+                if pr.stopped and log:
+                    log(f"stopped after {pr.batches} batches: " + (
+                        f"{pr.target} reached" if pr.stopped == "target"
+                        else f"the budget of {cfg.time_budget_s:g} training seconds is spent"),
+                        flush=True)
                 if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
                     self.checkpoint()
             # interrupted here: training is over; resuming runs the final evaluation
             final = {
                 **metrics.summarize(self.evals.run(ds.x_train, ds.y_train, st.n_eval + 1), "train"),
                 **metrics.summarize(self.evals.run(ds.x_test, ds.y_test, st.n_eval + 2), "test")}
+            pr.record(max(st.epoch - 1, 0), st.train_seconds,
+                      {k: v for k, v in final.items() if k.startswith("test_")})
         except Interrupted:
             self.checkpoint()
             self._stop_stages()
@@ -228,6 +265,7 @@ class Coordinator:
         self._drain_credits()
         t0 = time.perf_counter()
         self.state.completed_steps = self.credits.completed_batches
+        self.state.batches, self.state.stopped = self.progress.batches, self.progress.stopped
         self.last_checkpoint = take_checkpoint(self.control, self.pump, self.state,
                                                self.spec.run_dir, self.cfg)
         self.checkpoints.append(time.perf_counter() - t0)

@@ -29,6 +29,9 @@ class RunState:
     history: list = field(default_factory=list)
     epoch_sums: dict = field(default_factory=metrics.empty)
     completed_steps: int = 0            # batches finished since the start
+    batches: int = 0                    # training batches sent, for the evaluation cadence
+    curve: list = field(default_factory=list)   # held-out points (progress.py)
+    stopped: str | None = None          # "target" or "budget" when training ended early
 
     def step(self, batches_per_epoch: int) -> int:
         return self.epoch * batches_per_epoch + self.next_batch
@@ -40,7 +43,8 @@ class RunState:
                 s = json.load(fh)
             state = cls(int(s["epoch"]), int(s["next_batch"]), int(s["n_eval"]),
                         float(s["train_seconds"]), list(s["history"]), s["epoch_sums"],
-                        int(s["completed_steps"]))
+                        int(s["completed_steps"]), int(s.get("batches", 0)),
+                        list(s.get("curve", [])), s.get("stopped"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"cannot resume from {folder}: {exc}") from None
         if not metrics.valid(state.epoch_sums):

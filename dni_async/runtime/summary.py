@@ -11,7 +11,7 @@ from dni_async import report
 def build(coord, final: dict, wall: float) -> dict:
     cfg, st, spec = coord.cfg, coord.state, coord.spec
     stages = [coord.control.stats[k] for k in range(coord.n)]
-    total_samples = cfg.epochs * cfg.batches_per_epoch() * cfg.batch_size
+    total_samples = coord.progress.batches * cfg.batch_size
     return {
         "kind": "pipeline",
         "run_id": spec.run_id,
@@ -19,6 +19,9 @@ def build(coord, final: dict, wall: float) -> dict:
         "config": cfg.to_dict(),
         "endpoints": spec.endpoints,
         "history": st.history,
+        "curve": st.curve,
+        "batches": coord.progress.batches,
+        "stopped": coord.progress.stopped,
         "final": final,
         "wall_seconds": wall,
         "train_seconds": st.train_seconds,

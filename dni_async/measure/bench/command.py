@@ -11,11 +11,14 @@ from dni_async import report
 from dni_async.config import (MODES, ArgumentParser, ConfigError, apply_sets, load_toml,
                               make_config, read_toml)
 from dni_async.measure.bench.children import BenchFailed, mode_config
-from dni_async.measure.bench.figures import generator_info, machine_info
+from dni_async import progress
+from dni_async.measure.bench.figures import (check_target, generator_info, machine_info,
+                                             start_metric)
 from dni_async.measure.bench.report import (describe_layout, fmt, modes_text, sweep_text,
                                             targets, targets_text)
 from dni_async.measure.bench.runner import Bench, MachineShare
 from dni_async.measure.plots import pyplot
+from dni_async.progress import parse_target
 
 EXIT_BAD_INPUT = 2
 
@@ -33,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="runs per mode; the median is reported (default 3)")
     p.add_argument("--warmup", type=int, help="epochs left out of the steady state (default 1)")
     p.add_argument("--target", metavar="METRIC=VALUE",
-                   help="time to reach this metric, e.g. test_bit_acc=0.9 "
-                        "(default: 90%% of backprop's final value)")
+                   help="time to reach this held-out metric, e.g. test_bit_acc=0.9; it must be "
+                        "above chance and above the untrained network (default: 90%% of the "
+                        "way from there to lockstep backprop's final value)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="training seconds per run at most; with a target a run also stops "
+                        "when it reaches it (default: the config's epochs only)")
     p.add_argument("--json", metavar="PATH", help="write every figure here; plots go beside it")
     p.add_argument("--trace", metavar="PATH",
                    help="per mode, one more short run (warm-up + 1 epoch) untraced and then "
@@ -70,7 +77,8 @@ def _bench_table(path: str | None) -> dict:
         return {}   # load_toml reports those
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [bench] must be a table")
-    unknown = set(table) - {"repeats", "warmup", "target", "modes", "wire"}
+    unknown = set(table) - {"repeats", "warmup", "target", "modes", "wire", "budget",
+                            "eval_batches"}
     if not isinstance(table.get("wire", False), bool):
         raise ConfigError(f"{path}: [bench] wire must be true or false")
     if unknown:
@@ -99,22 +107,6 @@ def parse_modes(text, allow_none=True) -> list:
     if len(set(modes)) != len(modes):
         raise ConfigError("--modes: a mode is listed twice")
     return modes
-
-
-def parse_target(text: str | None):
-    if text is None:
-        return None
-    if "=" not in str(text):
-        raise ConfigError(f"--target wants METRIC=VALUE, got {text!r}")
-    name, value = str(text).split("=", 1)
-    name = name.strip()
-    allowed = ("test_bit_acc", "test_exact_acc", "train_bit_acc", "train_exact_acc", "loss")
-    if name not in allowed:
-        raise ConfigError(f"--target: metric must be one of {', '.join(allowed)}, got {name!r}")
-    try:
-        return name, float(value)
-    except ValueError:
-        raise ConfigError(f"--target: cannot read {value!r} as a number") from None
 
 
 def parse_sweep(text: str | None):
@@ -170,7 +162,12 @@ def _main(args, argv: list) -> int:
                                              else table.get("modes", ",".join(MODES)))
     repeats = args.repeats if args.repeats is not None else _table_int(table, "repeats", 3)
     warmup = args.warmup if args.warmup is not None else _table_int(table, "warmup", 1)
-    target = parse_target(args.target if args.target is not None else table.get("target"))
+    target = parse_target(args.target if args.target is not None else table.get("target"),
+                          "--target")
+    budget = args.budget if args.budget is not None else table.get("budget", 0)
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 <= budget < 1e9:
+        raise ConfigError(f"budget must be a number of seconds >= 0, got {budget!r}")
+    cadence = _table_int(table, "eval_batches", 0)
     sweep = parse_sweep(args.sweep)
     sweep_modes = parse_modes(args.sweep_modes, allow_none=False) if sweep else []
     if repeats < 1 or warmup < 0 or args.sweep_epochs < 1:
@@ -179,6 +176,15 @@ def _main(args, argv: list) -> int:
         if path:
             report.ensure_writable(path, what)
     values = base_values(args) if not wire_only else {}
+    if not wire_only:
+        # every mode trains until it reaches the target or spends its budget, and is evaluated
+        # on the held-out set at one fixed cadence of batches
+        bpe = make_config(values).batches_per_epoch()
+        values.setdefault("eval_batches", cadence or max(1, bpe // 4))
+        if target:
+            values.setdefault("stop_at", str(target))
+        if budget:
+            values.setdefault("time_budget_s", budget)
     if not wire_only:   # every config is checked before any process starts
         for m in set(modes) | set(sweep_modes):
             mode_config(values, m)
@@ -188,6 +194,11 @@ def _main(args, argv: list) -> int:
                 over = {"hidden": [v] * len(hidden)} if sweep[0] == "width" else {sweep[0]: v}
                 for m in sweep_modes:
                     mode_config(values, m, **over, epochs=args.sweep_epochs)
+        if target and modes:   # a target below chance or the start is refused up front
+            cfg0 = mode_config(values, modes[0])
+            start = start_metric(cfg0, target.metric)
+            check_target(target, progress.chance(cfg0.task, cfg0.output_dim).get(target.metric),
+                         start)
     plots = args.plots and pyplot("dni-async bench") is not None
     want_trace = bool(args.trace) or (plots and {"backprop", "cdni"} & set(modes))
 
@@ -216,9 +227,10 @@ def _main(args, argv: list) -> int:
         res = bench.modes_table()
         out.update(config=cfg0.to_dict(), layout=describe_layout(cfg0), repeats=repeats,
                    warmup_epochs=warmup,
-                   target={"metric": res["target"][0], "value": res["target"][1]}
-                   if res["target"] else None,
-                   modes=res["results"], **res["refs"])
+                   target={"metric": res["metric"], "chance": res["chance"],
+                           "start": res["start"],
+                           "value": res["target"].value if res["target"] else None},
+                   verdict=res["verdict"], modes=res["results"], **res["refs"])
         if gens:
             out["generator"] = {m: generator_info(bench.cfgs[m]) for m in gens}
     if want_trace and modes:
@@ -257,6 +269,13 @@ def _main(args, argv: list) -> int:
         print(f"== dni-async bench: {out['layout']} ==")
         for m, g in out.get("generator", {}).items():
             print(f"{m}: {g['text']}")
+        print(f"verdict: {res['verdict']}")
+        t = out["target"]
+        print(f"target: held-out {t['metric']} {'-' if t['value'] is None else t['value']:} "
+              f"(chance {t['chance'] if t['chance'] is not None else '-'}, the untrained network "
+              f"{t['start']:.4f}); every mode evaluated every {values['eval_batches']} batches"
+              + (", stopping at the target" if target else "")
+              + (f" or after {budget:g} training seconds" if budget else ""))
         print(modes_text(res, warmup, repeats, cores))
     if "trace" in out:
         t = out["trace"]

@@ -5,40 +5,121 @@ from __future__ import annotations
 
 import statistics
 
-from dni_async import report
-from dni_async.config import Config
+from dni_async import progress, report
+from dni_async.config import Config, ConfigError
+from dni_async.nn.modes import BASELINE
+from dni_async.progress import Target
 from dni_async.measure.bounds import bounds, busy_clock, per_batch_busy, per_batch_parts
 from dni_async.nn.modes import mode_of
 
 
-def steady_rate(history: list, warmup: int, samples_per_epoch: int) -> float:
-    """Samples/s over the epochs after the warm-up (all epochs if there are no others)."""
+def steady_rate(history: list, warmup: int, samples_per_epoch: int | None = None) -> float:
+    """Samples/s over the epochs after the warm-up (all epochs if there are no others). Each
+    row's samples come from its own rate and seconds, so a last epoch cut short counts right."""
     if not history:
         return 0.0
     w = warmup if len(history) > warmup else 0
-    seconds = history[-1]["seconds"] - (history[w - 1]["seconds"] if w else 0.0)
-    return (len(history) - w) * samples_per_epoch / seconds if seconds > 0 else 0.0
+    t_prev = history[w - 1]["seconds"] if w else 0.0
+    samples, seconds = 0.0, history[-1]["seconds"] - t_prev
+    for row in history[w:]:
+        samples += row["samples_per_s"] * (row["seconds"] - t_prev)
+        t_prev = row["seconds"]
+    return samples / seconds if seconds > 0 else 0.0
 
 
-def time_to(history: list, target) -> float | None:
-    """Training seconds until the target metric is first reached (None: never)."""
-    if not target:
-        return None
-    name, value = target
-    for row in history:
-        v = row.get(name)
-        if v is None:
-            continue
-        if (v <= value) if name == "loss" else (v >= value):
-            return row["seconds"]
-    return None
+def curve_of(summary: dict) -> list:
+    """The run's held-out points: its curve, or (older runs) its epoch rows."""
+    if summary.get("curve"):
+        return summary["curve"]
+    return [h for h in summary.get("history", []) if h.get("test_bit_acc") is not None]
+
+
+def time_to(summary_or_curve, target: Target | None) -> float | None:
+    """Training seconds until the held-out curve first reaches the target (None: never)."""
+    curve = summary_or_curve if isinstance(summary_or_curve, list) else curve_of(summary_or_curve)
+    return progress.time_to(curve, target)
 
 
 def final_metric(summary: dict, name: str):
+    """The metric of the final weights: the curve's last point (the final evaluation)."""
+    curve = curve_of(summary)
+    if curve and curve[-1].get(name) is not None:
+        return curve[-1][name]
     f = summary.get("final", {})
-    if name == "loss":
-        return f.get("train_loss")
-    return f.get(name)
+    return f.get("train_loss") if name == "loss" else f.get(name)
+
+
+def start_metric(cfg: Config, metric: str) -> float:
+    """The held-out metric of the untrained network: where every mode starts."""
+    from dni_async.nn import metrics, network
+    from dni_async.oneprocess import reference
+    ds, rng = network.load_data_and_rng(cfg)
+    network.resolve_dims(cfg, ds)
+    models = network.build(cfg, rng)
+    return metrics.summarize(reference.evaluate(models, cfg, ds.x_test, ds.y_test), "test")[metric]
+
+
+MARGIN = 0.02   # a target must clear chance and the start by this much
+
+
+def check_target(target: Target, chance: float | None, start: float) -> None:
+    """A target below chance or below where training starts is reached at once and says
+    nothing: refuse it with the numbers."""
+    if target.metric.endswith("loss"):
+        if target.value >= start - MARGIN * abs(start):
+            raise ConfigError(f"target {target}: the untrained network's {target.metric} is "
+                              f"already {start:.4f}; choose a lower one")
+        return
+    floor = max(chance or 0.0, start)
+    if target.value < floor + MARGIN:
+        raise ConfigError(f"target {target} is not above chance ({chance:.4f}) and where "
+                          f"training starts ({start:.4f}) by {MARGIN}: choose at least "
+                          f"{floor + MARGIN:.3f}")
+
+
+def default_target(results: dict, metric: str, chance: float | None, start: float):
+    """Without a target: 90% of the way from the start to lockstep backprop's final value,
+    if that clears chance and the start; else None."""
+    bp = results.get(BASELINE) or next(iter(results.values()), None)
+    if not bp or bp.get("final_metric") is None:
+        return None
+    t = Target(metric, round(start + 0.9 * (bp["final_metric"] - start), 4))
+    try:
+        check_target(t, chance, start)
+    except ConfigError:
+        return None
+    return t
+
+
+def verdict(results: dict, refs: dict, target: Target | None) -> str:
+    """One line: does decoupling pay, by time to the target?"""
+    if target is None:
+        return "no target above chance and the start was reached by lockstep backprop: no verdict"
+    bp = results.get(BASELINE, {}).get("time_to_target_s")
+    parts = []
+    for m in ("cdni", "dni", "gpipe"):
+        if m not in results:
+            continue
+        t = results[m].get("time_to_target_s")
+        if t is None:
+            parts.append(f"{m} does not reach {target}, lockstep backprop "
+                         + ("does not either" if bp is None else f"does in {bp:.1f} s"))
+        elif bp is None:
+            parts.append(f"{m} reaches {target} in {t:.1f} s, lockstep backprop never does")
+        else:
+            word = "pays" if bp > t else "does not pay"
+            parts.append(f"{m} reaches {target} in {t:.1f} s, lockstep backprop in {bp:.1f} s: "
+                         f"decoupling {word} {bp / t:.2f}x" if m != "gpipe" else
+                         f"gpipe in {t:.1f} s ({bp / t:.2f}x)")
+        break
+    if not parts:
+        parts.append(f"lockstep backprop reaches {target} in "
+                     + ("never" if bp is None else f"{bp:.1f} s"))
+    ref = refs.get("reference_all_cores", {}).get("time_to_target_s")
+    if "reference_all_cores" in refs:
+        parts.append("one process with all cores: "
+                     + ("does not reach it" if ref is None else f"{ref:.1f} s"))
+    return "; ".join(parts)
 
 
 def _median(xs):
@@ -74,8 +155,9 @@ def summarize_mode(cfg: Config, runs: list, warmup: int, cores: int, target, met
         "stage_times_s": [st["times"] for st in runs[_median_index(rates)]["stages"]],
         **b,
         "efficiency": rate / b["bound_samples_per_s"] if b["bound_samples_per_s"] else None,
-        "time_to_target_s": _median([time_to(r["history"], target) for r in runs]),
-        "reached_target": sum(time_to(r["history"], target) is not None for r in runs),
+        "time_to_target_s": _median([time_to(r, target) for r in runs]),
+        "reached_target": sum(time_to(r, target) is not None for r in runs),
+        "curve": curve_of(runs[_median_index(rates)]),
         "final_metric": _median([final_metric(r, metric) for r in runs]),
         "final": runs[_median_index(rates)]["final"],
         "history": runs[_median_index(rates)]["history"],
@@ -102,7 +184,7 @@ def summarize_reference(cfg: Config, s: dict, warmup: int, target, metric: str) 
     rate = steady_rate(s["history"], warmup, spe)
     return {"samples_per_s": rate, "blas_threads": s["blas_threads"],
             "batch_ms": 1000 * cfg.batch_size / rate if rate else None,
-            "time_to_target_s": time_to(s["history"], target),
+            "time_to_target_s": time_to(s, target), "curve": curve_of(s),
             "final_metric": final_metric(s, metric), "final": s["final"],
             "history": s["history"], "weights_sha256": s["weights_sha256"]}
 
@@ -125,14 +207,6 @@ def generator_info(cfg: Config) -> dict:
             + " of its stage's forward matmul, stage by stage)")
     return {"context": ctx, "hidden": hid, "kind": kind, "shapes": shapes,
             "pass_share_of_layer_matmul": shares, "text": text}
-
-
-def default_target(results: dict, metric: str):
-    bp = results.get("backprop") or next(iter(results.values()), None)
-    if not bp or bp.get("final_metric") is None:
-        return None
-    v = bp["final_metric"]
-    return (metric, round(v * 1.1 if metric == "loss" else v * 0.9, 4))
 
 
 def machine_info(cores: int) -> dict:

@@ -25,7 +25,8 @@ def _ms(xs: list) -> str:
 
 def modes_text(res: dict, warmup: int, repeats: int, cores: int) -> str:
     results, refs, target, metric = res["results"], res["refs"], res["target"], res["metric"]
-    tname = f"{target[0]} {'<=' if target[0] == 'loss' else '>='} {target[1]:g}" if target else "-"
+    tname = (f"{target.metric} {'<=' if target.metric.endswith('loss') else '>='} "
+             f"{target.value:g}" if target else "-")
     alone = all("alone" in r for r in results.values())
     head = f"{'mode':<22}{'samples/s':>10}{'speed-up':>9}{'bound/s':>11}{'effic.':>7}"
     if alone:

@@ -8,8 +8,11 @@ import time
 from dni_async.config import Config, make_config
 from dni_async.measure.bench.calibrate import add_alone, calibrate
 from dni_async.measure.bench.children import mode_config, run_pipeline, run_reference
-from dni_async.measure.bench.figures import (_median, default_target, steady_rate,
-                                             summarize_mode, summarize_reference, time_to)
+from dni_async import progress
+from dni_async.measure.bench.figures import (_median, check_target, default_target,
+                                             start_metric, steady_rate, summarize_mode,
+                                             summarize_reference, time_to, verdict)
+from dni_async.nn.modes import BASELINE
 
 
 class Bench:
@@ -30,9 +33,13 @@ class Bench:
     def modes_table(self) -> dict:
         cfgs = {m: self._resolved(c) for m, c in self.cfgs.items()}
         any_cfg = next(iter(cfgs.values()))
-        metric = "test_bit_acc" if any_cfg.dataset == "binary-addition" else "test_exact_acc"
+        metric = "test_bit_acc" if any_cfg.task == "bits" else "test_exact_acc"
         if self.target:
-            metric = self.target[0]
+            metric = self.target.metric
+        chance = progress.chance(any_cfg.task, any_cfg.output_dim).get(metric)
+        start = start_metric(any_cfg, metric)
+        if self.target:
+            check_target(self.target, chance, start)
         alone = {}
         for m in self.modes:
             t0 = time.perf_counter()
@@ -58,12 +65,10 @@ class Bench:
                    for m in self.modes}
         for m in self.modes:
             add_alone(results[m], alone[m], cfgs[m].batch_size, self.cores)
-        target = self.target or default_target(results, metric)
+        target = self.target or default_target(results, metric, chance, start)
         for m in self.modes:
-            results[m]["time_to_target_s"] = _median([time_to(r["history"], target)
-                                                     for r in runs[m]])
-            results[m]["reached_target"] = sum(time_to(r["history"], target) is not None
-                                               for r in runs[m])
+            results[m]["time_to_target_s"] = _median([time_to(r, target) for r in runs[m]])
+            results[m]["reached_target"] = sum(time_to(r, target) is not None for r in runs[m])
         refs = {}
         if self.args.reference:
             ref_cfg = self._resolved(mode_config(self.values, "backprop"))
@@ -74,11 +79,15 @@ class Bench:
                 self.log(f"  {key:<20} {refs[key]['samples_per_s']:>10,.0f} samples/s "
                          f"({threads} BLAS thread{'s' if threads > 1 else ''}, "
                          f"{time.perf_counter() - t0:.1f} s)")
-        base = results.get("backprop", {}).get("samples_per_s")
+        base = results.get(BASELINE, {}).get("samples_per_s")
+        t_base = results.get(BASELINE, {}).get("time_to_target_s")
         for row in [*results.values(), *refs.values()]:
             row["speedup"] = row["samples_per_s"] / base if base else None
+            t = row.get("time_to_target_s")
+            row["time_to_target_speedup"] = t_base / t if t and t_base else None
         return {"results": results, "refs": refs, "target": target, "metric": metric,
-                "cfgs": cfgs}
+                "chance": chance, "start": start, "cfgs": cfgs,
+                "verdict": verdict(results, refs, target)}
 
     def traced(self, modes: list, untraced: dict) -> dict:
         """Per mode, a short untraced run and then the same run traced: the pair gives the
