@@ -325,17 +325,17 @@ def calibrate_worker(cfg: Config, reps: int = 7) -> dict:
                                                         None if gb is None else acc[1] + gb]
                 m.layer.apply(acc[0], acc[1], m.lr)
             elif cfg.decoupled and not last:
-                h = m.forward(xk)
-                m.synthetic_update(step[0], xk, h, y, need_grad_input=need)
+                c = m.forward_train(xk)
+                m.synthetic_update(step[0], c, y, need_grad_input=need)
                 m.apply_target(step[0], gk)
             else:                              # backprop in the three parts a stage times
                 t1 = time.perf_counter()
-                h = m.forward(xk)
+                c = m.forward_train(xk)
                 t2 = time.perf_counter()
-                delta, _ = (m.loss_delta(h, y, need_grad_input=need) if last
-                            else m.true_delta(h, gk, need_grad_input=need))
+                delta, _ = (m.loss_delta(c, y, need_grad_input=need) if last
+                            else m.true_delta(c, gk, need_grad_input=need))
                 t3 = time.perf_counter()
-                m.apply(xk, delta)
+                m.apply(c, delta)
                 split.append((t2 - t1, t3 - t2, time.perf_counter() - t3))
 
         ws, cs = [], []

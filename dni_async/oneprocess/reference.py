@@ -10,6 +10,7 @@ distribution (targets reach generators at other moments there).
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import numpy as np
 
@@ -20,43 +21,58 @@ from dni_async.nn import stage_model
 from dni_async.config import Config
 
 
-def train_step(models, cfg: Config, step: int, x, y, sums: dict, fidelity=None) -> None:
+def train_step(models, cfg: Config, step: int, x, y, sums: dict, fidelity=None,
+               late=None) -> None:
     """One batch through every stage; adds its metric sums (taken before updates) to `sums`,
     in the order the pipeline's coordinator adds them, so the two agree to the last bit.
 
     With `fidelity` (a list) in dni/cdni, every `cfg.fidelity_every` steps it also carries
     the true dL/dh back from the loss through the forward-pass weights and appends, per
-    stage, how close the synthetic gradient came; the training itself is unchanged."""
+    stage, how close the synthetic gradient came; the training itself is unchanged.
+
+    With `late` (a deque kept from step to step) in dni/cdni, the generators' targets wait
+    there and reach their generators `cfg.target_delay` steps late, as a pipeline's would."""
     n = len(models)
     if cfg.mode == "gpipe":
         return _gpipe_step(models, cfg, step, x, y, sums)
     measure = (fidelity is not None and cfg.decoupled and cfg.fidelity_every > 0
                and step % cfg.fidelity_every == 0)
+    caches = []
     hs = [x]
     targets = [None] * n
     w_fwd = [None] * n
     for k in range(n - 1):
-        hs.append(models[k].forward(hs[k]))
+        caches.append(models[k].forward_train(hs[k]))
+        hs.append(caches[k].h)
         if cfg.decoupled:
-            if measure:
-                w_fwd[k] = models[k].layer.W.copy()   # the update below changes W in place
-            targets[k] = models[k].synthetic_update(step, hs[k], hs[k + 1], y,
-                                                    need_grad_input=k > 0)
-    hs.append(models[-1].forward(hs[-1]))
-    g, delta = models[-1].backward_from_loss(hs[n - 1], hs[n], y, need_grad_input=n > 1)
+            if measure:      # the update below changes W (and gamma) in place
+                norm = models[k].layer.norm
+                w_fwd[k] = (models[k].layer.W.copy(),
+                            None if norm is None else norm.gamma.copy())
+            targets[k] = models[k].synthetic_update(step, caches[k], y, need_grad_input=k > 0)
+    caches.append(models[-1].forward_train(hs[-1]))
+    hs.append(caches[-1].h)
+    g, delta = models[-1].backward_from_loss(caches[-1], y, need_grad_input=n > 1)
     metrics.add(sums, metrics.batch_sums(cfg.task, cfg.loss, hs[n], y, delta))
     if measure:
-        fidelity.append(_fidelity_row(models, step, hs, g, targets, w_fwd))
+        fidelity.append(_fidelity_row(models, step, caches, g, targets, w_fwd))
     if cfg.decoupled:
         targets[n - 1] = g
-        for k in range(n - 1):
-            models[k].apply_target(step, targets[k + 1])
+        if late is None:
+            for k in range(n - 1):
+                models[k].apply_target(step, targets[k + 1])
+        else:
+            late.append((step, targets[1:]))
+            while late and late[0][0] <= step - cfg.target_delay:
+                s, ts = late.popleft()
+                for k in range(n - 1):
+                    models[k].apply_target(s, ts[k])
     else:
         for k in range(n - 2, -1, -1):
-            g = models[k].backward(hs[k], hs[k + 1], g, need_grad_input=k > 0)
+            g = models[k].backward(caches[k], g, need_grad_input=k > 0)
 
 
-def _fidelity_row(models, step: int, hs: list, g, targets: list, w_fwd: list) -> dict:
+def _fidelity_row(models, step: int, caches: list, g, targets: list, w_fwd: list) -> dict:
     """Per stage k < N-1: the synthetic dL/dh_k against the true one (cos, relative error),
     and the bootstrapped target it will be trained on against the true one (target_cos)."""
     n = len(models)
@@ -69,7 +85,11 @@ def _fidelity_row(models, step: int, hs: list, g, targets: list, w_fwd: list) ->
         if k < n - 2:
             row["target_cos"][k] = stage_model.fidelity(targets[k + 1], true)[0]
         if k > 0:
-            true = models[k].layer.delta(hs[k + 1], true).dot(w_fwd[k].T)
+            layer, (W, gamma) = models[k].layer, w_fwd[k]
+            d = layer.delta(caches[k].h, true)
+            if layer.norm is not None:
+                d = layer.norm.backward(d, caches[k].norm, gamma=gamma)[0]
+            true = d.dot(W.T)
     return row
 
 
@@ -77,13 +97,15 @@ def _gpipe_step(models, cfg: Config, step: int, x, y, total: dict) -> None:
     """Micro-batches through every stage, gradients summed, one update per batch."""
     n, m = len(models), cfg.micro_batches
     for xm, ym in zip(np.array_split(x, m), np.array_split(y, m)):
-        hs = [xm]
+        caches = []
+        h = xm
         for k in range(n):
-            hs.append(models[k].forward(hs[k]))
-        g, delta = models[-1].micro_backward_from_loss(step, hs[n - 1], hs[n], ym, m)
-        metrics.add(total, metrics.batch_sums(cfg.task, cfg.loss, hs[n], ym, delta))
+            caches.append(models[k].forward_train(h))
+            h = caches[k].h
+        g, delta = models[-1].micro_backward_from_loss(step, caches[-1], ym, m)
+        metrics.add(total, metrics.batch_sums(cfg.task, cfg.loss, h, ym, delta))
         for k in range(n - 2, -1, -1):
-            g = models[k].micro_backward(step, hs[k], hs[k + 1], g, m, need_grad_input=k > 0)
+            g = models[k].micro_backward(step, caches[k], g, m, need_grad_input=k > 0)
 
 
 def evaluate(models, cfg: Config, x, y, chunk: int = 4096) -> dict:
@@ -106,13 +128,14 @@ def train(cfg: Config, log=print) -> dict:
     every = report.log_every(cfg)
     history, train_seconds = [], 0.0
     fidelity = [] if cfg.fidelity_every and cfg.decoupled else None
+    late = deque() if cfg.decoupled and cfg.target_delay else None
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         sums = metrics.empty()
         first = len(fidelity) if fidelity is not None else 0
         for i in range(bpe):
             x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
-            train_step(models, cfg, epoch * bpe + i, x, y, sums, fidelity)
+            train_step(models, cfg, epoch * bpe + i, x, y, sums, fidelity, late)
         dt = time.perf_counter() - t0
         train_seconds += dt
         test = None

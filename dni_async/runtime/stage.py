@@ -59,7 +59,7 @@ class Stage:
                 raise ConfigError(f"stage {rank}: cannot resume from {path}: {exc}") from None
         self.clock = Clock(record_spans=spec.trace)
         self.bad_messages = 0
-        self.waiting: dict[int, tuple] = {}     # lockstep: step -> (x, h) until its gradient
+        self.waiting: dict[int, tuple] = {}     # lockstep: step -> (cache, h) until its gradient
         self.batches = 0
         self.stopping = False
         # the largest array this stage can legitimately receive: anything larger is refused
@@ -265,7 +265,8 @@ class Stage:
             self.bad_messages += 1
             return
         with self.clock.span("forward" if msg.kind == "fwd" else "eval", step):
-            h = self.model.forward(x)
+            cache = self.model.forward_train(x) if msg.kind == "fwd" else None
+            h = self.model.forward(x) if cache is None else cache.h
         if msg.kind == "eval":
             if self.last:
                 sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y)
@@ -277,16 +278,16 @@ class Stage:
         if self.fault:
             self.fault.maybe_fire(self.batches)
         if self.last:
-            self._last_stage_step(step, x, h, y, msg.meta)
+            self._last_stage_step(step, cache, h, y, msg.meta)
         elif self.cfg.decoupled:
             self._send(self.fwd_out, "fwd", step, [h, y], meta=msg.meta)
             with self.clock.span("update", step):
-                target = self.model.synthetic_update(step, x, h, y, need_grad_input=self.rank > 0)
+                target = self.model.synthetic_update(step, cache, y, need_grad_input=self.rank > 0)
             if target is not None:
                 self._send(self.grad_out, "grad", step, [target])
         else:
             self._send(self.fwd_out, "fwd", step, [h, y], meta=msg.meta)
-            self.waiting[step] = (x, h, msg.meta)
+            self.waiting[step] = (cache, h, msg.meta)
 
     def _admit(self, step: int, rows: int) -> bool:
         """A training batch has the configured size, and a lockstep stage holds at most one
@@ -299,15 +300,15 @@ class Stage:
         limit = self.cfg.micro_batches if gpipe else 1
         return step not in self.waiting and len(self.waiting) < limit
 
-    def _last_stage_step(self, step, x, h, y, meta) -> None:
+    def _last_stage_step(self, step, cache, h, y, meta) -> None:
         need_g = self.rank > 0
         with self.clock.span("backward", step):
-            delta, g = self.model.loss_delta(h, y, need_grad_input=need_g)
-        self._pass_back_then_apply(step, x, delta, g, meta)
+            delta, g = self.model.loss_delta(cache, y, need_grad_input=need_g)
+        self._pass_back_then_apply(step, cache, delta, g, meta)
         sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y, delta)
         self._send(self.results, "loss", step, meta={**meta, "sums": sums})
 
-    def _pass_back_then_apply(self, step, x, delta, g_prev, meta) -> None:
+    def _pass_back_then_apply(self, step, cache, delta, g_prev, meta) -> None:
         """dL/dx upstream first (when there is an upstream), so the previous stage's backward
         runs while this one updates."""
         if g_prev is not None:
@@ -315,9 +316,9 @@ class Stage:
         with self.clock.span("update", step):
             if self.cfg.mode == "gpipe":
                 m = self.cfg.micro_batches
-                self.model.micro_apply(step // m, x, delta, m)
+                self.model.micro_apply(step // m, cache, delta, m)
             else:
-                self.model.apply(x, delta)
+                self.model.apply(cache, delta)
 
     def _on_grad(self, msg) -> None:
         if not self._accept(msg, ("grad",), (self.cfg.widths[self.rank + 1],)):
@@ -340,11 +341,11 @@ class Stage:
             if entry is not None:
                 self.waiting[step] = entry
             return
-        x, h, meta = entry
+        cache, h, meta = entry
         need_g = self.rank > 0
         with self.clock.span("backward", step):
-            delta, g_prev = self.model.true_delta(h, g, need_grad_input=need_g)
-        self._pass_back_then_apply(step, x, delta, g_prev, meta)
+            delta, g_prev = self.model.true_delta(cache, g, need_grad_input=need_g)
+        self._pass_back_then_apply(step, cache, delta, g_prev, meta)
         if not need_g:
             self._send(self.results, "done", step, meta=meta)
 
