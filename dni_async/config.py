@@ -140,6 +140,12 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
+# What the classification presets share (docs/math-study.md: how each value was chosen).
+CLASSIFIER = {"activation": ["relu"], "bias": True, "init": "he", "output_activation": "softmax",
+              "loss": "softmax_xent", "batch_norm": True, "optimizer": "adam", "lr": 0.01,
+              "generator_optimizer": "adam", "generator_lr": 0.001, "max_in_flight": 2,
+              "eval_every": 5}
+
 PRESETS: dict[str, dict] = {
     # The seed post's network and training, exactly (24 -> 128 -> 64 -> 12, sigmoid, no bias).
     "seed": {},
@@ -149,12 +155,14 @@ PRESETS: dict[str, dict] = {
     "mixed": {"bits": 8, "n_train": 400, "n_test": 400, "hidden": [48, 32, 24],
               "activation": ["tanh", "relu", "tanh"], "bias": True, "init": "xavier",
               "lr": 0.01, "epochs": 20, "batch_size": 20},
-    # Classification: scikit-learn's digits (the [data] extra), relu MLP, softmax cross-entropy,
-    # linear generators at a rate that stays stable at every depth (docs/results.md).
+    # Classification (the [data] extra): relu MLPs with batch norm in every hidden layer and
+    # Adam, softmax cross-entropy; for dni/cdni linear generators (over [h, one-hot y] in cdni)
+    # trained by their own Adam. Measured in one process: docs/math-study.md. `--set layers=N`
+    # gives N weight layers of the same width.
+    "mnist1d": {"dataset": "mnist1d", "n_train": 4000, "n_test": 1000, "hidden": [128, 128],
+                **CLASSIFIER, "batch_size": 100, "epochs": 60},
     "digits": {"dataset": "digits", "n_train": 1400, "n_test": 360, "hidden": [128, 128],
-               "activation": ["relu"], "bias": True, "init": "he", "output_activation": "softmax",
-               "loss": "softmax_xent", "batch_size": 50, "lr": 0.002, "epochs": 30,
-               "generator_lr": 0.0001, "max_in_flight": 2},
+               **CLASSIFIER, "batch_size": 50, "epochs": 60},
 }
 
 # Defaults that differ by mode for the seed-like presets: what makes synthetic gradients learn.
