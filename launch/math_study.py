@@ -6,7 +6,9 @@ Phases: `pick` (settings tried on MNIST-1D, 6 layers, seed 1), `table` (the pres
 cdni and the frozen-hidden control, 3 and 6 layers, MNIST-1D and digits, seeds 1-3), `delay`
 (cdni on MNIST-1D, 6 layers, generator targets applied D = 0, 1, 2, 4 steps late, with and
 without recomputing the generator's guess; seeds 1-3), `norm` (cdni on MNIST-1D, 3 and 6
-layers, the generator's context normalised over the batch or per example; seeds 1-3). Every
+layers, the generator's context normalised over the batch or per example; seeds 1-3),
+`longer` (MNIST-1D, 6 layers: 120 epochs instead of 60; batch-normalised context with
+targets 2 steps late). Every
 run is the reference trainer; each finished run appends one JSON line to OUT.
 `summary OUT.jsonl` prints the tables.
 """
@@ -90,6 +92,17 @@ def context_norm(out):
                     "mnist1d", layers=layers, mode="cdni", seed=seed, generator_normalize=norm)
 
 
+def longer(out):
+    for seed in (1, 2, 3):
+        for mode in ("backprop", "cdni"):
+            run(out, f"mnist1d 6 layers {mode}, 120 epochs seed {seed}", "mnist1d", layers=6,
+                mode=mode, seed=seed, epochs=120)
+    for seed in (1, 2, 3):
+        run(out, f"mnist1d 6 layers cdni, context normalisation batch, delay 2 seed {seed}",
+            "mnist1d", layers=6, mode="cdni", seed=seed, generator_normalize="batch",
+            target_delay=2)
+
+
 def summary(path):
     rows = [json.loads(line) for line in open(path)]
     groups = defaultdict(list)
@@ -104,5 +117,5 @@ def summary(path):
 
 if __name__ == "__main__":
     phase, path = sys.argv[1], sys.argv[2]
-    {"pick": pick, "table": table, "delay": delay, "norm": context_norm,
+    {"pick": pick, "table": table, "delay": delay, "norm": context_norm, "longer": longer,
      "summary": summary}[phase](path)
