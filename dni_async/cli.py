@@ -26,6 +26,14 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-train", type=int)
     g.add_argument("--n-test", type=int)
     g.add_argument("--hidden", help="hidden widths, e.g. 128,64 (one stage per layer)")
+    g.add_argument("--layers", type=int,
+                   help="N weight layers (N stages), every hidden one as wide as the first")
+    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch norm in every hidden layer")
+    g.add_argument("--optimizer", help="sgd (on batch sums, as the seed) | adam")
+    g.add_argument("--generator-optimizer", help="sgd | adam, with --generator-lr")
+    g.add_argument("--freeze-hidden", action=argparse.BooleanOptionalAction, default=None,
+                   help="the control: hidden layers never update, only the last one learns")
     g.add_argument("--activation", help="hidden activation(s): sigmoid, tanh, relu, identity")
     g.add_argument("--output-activation")
     g.add_argument("--loss", help="squared | softmax_xent")
@@ -43,6 +51,13 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", help="float64 | float32")
     g.add_argument("--eval-every", type=int, help="epochs between held-out evaluations")
+    g.add_argument("--eval-batches", type=int,
+                   help="also evaluate held-out every N training batches (the curve)")
+    g.add_argument("--stop-at", metavar="METRIC=VALUE",
+                   help="stop training once a held-out evaluation reaches this, "
+                        "e.g. test_exact_acc=0.6")
+    g.add_argument("--time-budget-s", type=float, metavar="SECONDS",
+                   help="stop training after this many training seconds")
     g.add_argument("--log-every", type=int, help="epochs between progress lines (0: ~20 lines)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting, e.g. --set max_pending=32")
@@ -59,7 +74,9 @@ def _pipeline_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest good checkpoint")
 
 
-CONFIG_FLAGS = ("preset", "mode", "dataset", "bits", "n_train", "n_test", "hidden", "activation",
+CONFIG_FLAGS = ("preset", "mode", "dataset", "bits", "n_train", "n_test", "hidden", "layers",
+                "batch_norm", "optimizer", "generator_optimizer", "freeze_hidden", "eval_batches",
+                "stop_at", "time_budget_s", "activation",
                 "output_activation", "loss", "bias", "init", "epochs", "batch_size", "lr",
                 "generator_lr", "generator_hidden", "generator_normalize", "context",
                 "micro_batches", "seed", "dtype", "eval_every", "fidelity_every", "log_every",

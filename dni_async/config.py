@@ -23,6 +23,8 @@ MODES = tuple(modes.MODES)
 DTYPES = ("float64", "float32")
 TRANSPORTS = ("ipc", "tcp")
 INITS = ("seed", "xavier", "he")
+OPTIMIZERS = ("sgd", "adam")
+CONTEXT_NORMS = ("none", "batch", "example")
 
 
 class ConfigError(ValueError):
@@ -46,19 +48,32 @@ class Config:
     n_test: int = 1000
     # network: len(hidden) + 1 stages
     hidden: list = field(default_factory=lambda: [128, 64])
+    layers: int = 0                     # N > 0: N weight layers, every hidden one hidden[0] wide
     activation: list = field(default_factory=lambda: ["sigmoid"])   # per hidden layer; one name = all
     output_activation: str = "sigmoid"
     loss: str = "squared"
     bias: bool = False
     init: str = "seed"                  # seed: randn * 0.2 - 0.1, as the post did
+    batch_norm: bool = False            # batch norm in every hidden layer (before its activation)
     # training
     mode: str = "backprop"
     epochs: int = 1000
     batch_size: int = 10
     lr: float = 0.1
+    optimizer: str = "sgd"              # sgd: on batch sums, as the seed | adam: per-example means
+    adam_beta1: float = 0.9             # Adam's settings, for layers and generators alike
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    freeze_hidden: bool = False         # the control: hidden layers never update
     generator_lr: float = 0.0001
-    generator_hidden: int = 0           # 0: linear generator
-    generator_normalize: bool = False
+    generator_optimizer: str = "sgd"    # sgd | adam, with generator_lr
+    generator_hidden: int = 0           # 0: linear generator; N: one relu hidden layer of N
+    generator_batch_norm: bool = False  # batch norm on the generator's hidden layer
+    generator_normalize: str = "none"   # the generator's input: none | batch | example
+                                        # (per column over the batch, or per row); true = batch
+    generator_recompute: bool = True    # a late target trains the generator's current guess
+    sg_scale: float = 1.0               # synthetic gradients are multiplied by this for the layer
+    target_delay: int = 0               # reference dni/cdni: targets reach generators D steps late
     context: str = "auto"               # h | y | hy; auto: h for dni, hy for cdni
     micro_batches: int = 4              # gpipe only
     seed: int = 1
@@ -126,6 +141,12 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
+# What the classification presets share (docs/math-study.md: how each value was chosen).
+CLASSIFIER = {"activation": ["relu"], "bias": True, "init": "he", "output_activation": "softmax",
+              "loss": "softmax_xent", "batch_norm": True, "optimizer": "adam", "lr": 0.01,
+              "generator_optimizer": "adam", "generator_lr": 0.001, "max_in_flight": 2,
+              "eval_every": 5}
+
 PRESETS: dict[str, dict] = {
     # The seed post's network and training, exactly (24 -> 128 -> 64 -> 12, sigmoid, no bias).
     "seed": {},
@@ -135,12 +156,14 @@ PRESETS: dict[str, dict] = {
     "mixed": {"bits": 8, "n_train": 400, "n_test": 400, "hidden": [48, 32, 24],
               "activation": ["tanh", "relu", "tanh"], "bias": True, "init": "xavier",
               "lr": 0.01, "epochs": 20, "batch_size": 20},
-    # Classification: scikit-learn's digits (the [data] extra), relu MLP, softmax cross-entropy,
-    # linear generators at a rate that stays stable at every depth (docs/results.md).
+    # Classification (the [data] extra): relu MLPs with batch norm in every hidden layer and
+    # Adam, softmax cross-entropy; for dni/cdni linear generators (over [h, one-hot y] in cdni)
+    # trained by their own Adam. Measured in one process: docs/math-study.md. `--set layers=N`
+    # gives N weight layers of the same width.
+    "mnist1d": {"dataset": "mnist1d", "n_train": 4000, "n_test": 1000, "hidden": [128, 128],
+                **CLASSIFIER, "batch_size": 100, "epochs": 60},
     "digits": {"dataset": "digits", "n_train": 1400, "n_test": 360, "hidden": [128, 128],
-               "activation": ["relu"], "bias": True, "init": "he", "output_activation": "softmax",
-               "loss": "softmax_xent", "batch_size": 50, "lr": 0.002, "epochs": 30,
-               "generator_lr": 0.0001, "max_in_flight": 2},
+               **CLASSIFIER, "batch_size": 50, "epochs": 60},
 }
 
 # Defaults that differ by mode for the seed-like presets: what makes synthetic gradients learn.
@@ -152,6 +175,13 @@ MODE_DEFAULTS: dict[str, dict] = {
 
 def _coerce(name: str, value, current):
     """Turn a flag or TOML value into the field's type, or raise ConfigError."""
+    if name == "generator_normalize":      # once a boolean: true meant over the batch
+        if isinstance(value, bool):
+            return "batch" if value else "none"
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return "batch"
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return "none"
     try:
         if isinstance(current, bool):
             if isinstance(value, str):
@@ -233,6 +263,11 @@ def _checked(cfg: Config, values: dict) -> Config:
         if name not in names:
             raise ConfigError(f"unknown setting {name!r}")
         setattr(cfg, name, _coerce(name, value, getattr(cfg, name)))
+    if cfg.layers:
+        if cfg.layers < 2:
+            raise ConfigError(f"layers must be at least 2 (one hidden layer), got {cfg.layers}")
+        if cfg.hidden:
+            cfg.hidden = [cfg.hidden[0]] * (cfg.layers - 1)
     validate(cfg)
     return cfg
 
@@ -272,6 +307,27 @@ def validate(cfg: Config) -> None:
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     need(cfg.generator_hidden >= 0, "generator_hidden must be >= 0")
     need(cfg.lr > 0 and cfg.generator_lr > 0, "lr and generator_lr must be positive")
+    need(cfg.optimizer in OPTIMIZERS,
+         f"unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+    need(cfg.generator_optimizer in OPTIMIZERS,
+         f"unknown generator_optimizer {cfg.generator_optimizer!r} "
+         f"(choose from {', '.join(OPTIMIZERS)})")
+    need(0 <= cfg.adam_beta1 < 1, f"adam_beta1 must be in [0, 1), got {cfg.adam_beta1}")
+    need(0 <= cfg.adam_beta2 < 1, f"adam_beta2 must be in [0, 1), got {cfg.adam_beta2}")
+    need(cfg.adam_eps > 0, f"adam_eps must be positive, got {cfg.adam_eps}")
+    need(cfg.generator_normalize in CONTEXT_NORMS,
+         f"unknown generator_normalize {cfg.generator_normalize!r} "
+         f"(choose from {', '.join(CONTEXT_NORMS)})")
+    need(not cfg.generator_batch_norm or cfg.generator_hidden > 0,
+         "generator_batch_norm needs a generator hidden layer (generator_hidden > 0)")
+    need(cfg.sg_scale > 0, f"sg_scale must be positive, got {cfg.sg_scale}")
+    need(cfg.target_delay >= 0, f"target_delay must be >= 0, got {cfg.target_delay}")
+    need(cfg.target_delay < cfg.max_pending,
+         f"target_delay ({cfg.target_delay}) must be below max_pending ({cfg.max_pending}): "
+         "otherwise every target arrives after its guess was dropped")
+    need(cfg.layers == 0 or cfg.layers == cfg.n_stages,
+         f"layers = {cfg.layers} but hidden has {len(cfg.hidden)} widths "
+         f"({cfg.n_stages} layers)")
     need(0 < cfg.heartbeat_s < cfg.peer_timeout_s <= 3600,
          "need 0 < heartbeat_s < peer_timeout_s <= 3600 seconds")
     need(0 < cfg.startup_timeout_s <= 3600, "startup_timeout_s must be in (0, 3600] seconds")

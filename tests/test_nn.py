@@ -68,10 +68,12 @@ def test_update_is_sgd_on_batch_sums():
     assert np.array_equal(layer.W, W - x.T.dot(delta) * 0.5)
 
 
-@pytest.mark.parametrize("hidden", [0, 7])
-def test_generator_step_follows_its_squared_error_gradient(hidden):
+@pytest.mark.parametrize("hidden,batch_norm", [(0, False), (7, False), (7, True)])
+@pytest.mark.parametrize("normalize", ["none", "batch", "example"])
+def test_generator_step_follows_its_squared_error_gradient(hidden, batch_norm, normalize):
     c, t = RNG.randn(8, 5), RNG.randn(8, 3)
-    gen = nn.Generator(5, 3, lr=1e-3, dtype=np.float64, hidden=hidden, rng=np.random.RandomState(1))
+    gen = nn.Generator(5, 3, lr=1e-3, dtype=np.float64, hidden=hidden,
+                       rng=np.random.RandomState(1), batch_norm=batch_norm, normalize=normalize)
     for p in gen.params():          # move off the zero start so every path is exercised
         p += RNG.randn(*p.shape) * 0.1
     before = [p.copy() for p in gen.params()]
@@ -85,6 +87,40 @@ def test_generator_step_follows_its_squared_error_gradient(hidden):
     assert sq == pytest.approx(2 * 0.5 * np.sum((g_hat - t) ** 2))
     for p0, p1, num in zip(before, gen.params(), nums):
         assert close((p0 - p1) / gen.lr, num, tol=1e-5)
+    assert gen.steps == 1
+
+
+def test_generator_with_batch_norm_has_gamma_beta_and_no_hidden_bias():
+    gen = nn.Generator(5, 3, lr=1e-3, dtype=np.float64, hidden=4, batch_norm=True)
+    assert list(gen.named_params()) == ["W1", "gamma", "beta", "W2", "b2"]
+
+
+@pytest.mark.parametrize("normalize,axis", [("batch", 0), ("example", 1)])
+def test_context_normalisation_axis(normalize, axis):
+    c = RNG.randn(6, 4) * 3 + 2
+    out = nn.normalize_context(normalize, c)
+    assert np.allclose(out.mean(axis=axis), 0) and np.allclose(out.std(axis=axis), 1, rtol=1e-4)
+    assert nn.normalize_context("none", c) is c
+
+
+def test_generator_refresh_recomputes_with_current_weights():
+    c, t = RNG.randn(8, 5), RNG.randn(8, 3)
+    gen = nn.Generator(5, 3, lr=1e-2, dtype=np.float64, hidden=4, batch_norm=True,
+                       normalize="example", optimizer="adam")
+    g0, cache = gen.predict(c)
+    g1, _ = gen.refresh(cache)
+    assert np.array_equal(g0, g1)            # nothing moved: the same numbers
+    gen.update(cache, g0, t)
+    g2, cache2 = gen.refresh(cache)
+    assert np.array_equal(g2, gen.predict(c)[0]) and not np.array_equal(g2, g0)
+
+
+def test_generator_adam_moves_every_parameter_by_about_lr():
+    c, t = RNG.randn(8, 5), RNG.randn(8, 3)
+    gen = nn.Generator(5, 3, lr=1e-3, dtype=np.float64, optimizer="adam")
+    g, cache = gen.predict(c)
+    gen.update(cache, g, t)
+    assert np.allclose(np.abs(gen.W2), 1e-3, rtol=1e-3)   # first Adam step: lr * sign
 
 
 def test_generator_starts_at_zero():

@@ -67,3 +67,163 @@ def test_bad_flags_give_one_clear_error_and_status_2(flags, needle):
     r = cli("reference", *flags)
     assert r.returncode == 2
     assert needle in r.stderr
+
+
+# -- optimizers, batch norm, generators, late targets ------------------------------------------
+
+
+import numpy as np
+
+from dni_async.config import ConfigError
+from dni_async.nn import metrics, network
+from dni_async.runtime import checkpoint
+
+RICH = {"optimizer": "adam", "lr": 0.01, "batch_norm": True, "bias": True,
+        "generator_optimizer": "adam", "generator_lr": 0.001, "generator_hidden": 6,
+        "generator_batch_norm": True, "generator_normalize": "example", "sg_scale": 0.5}
+
+
+def _models(settings):
+    cfg = make_config(settings, preset="tiny")
+    ds, rng = network.load_data_and_rng(cfg)
+    network.resolve_dims(cfg, ds)
+    return cfg, ds, network.build(cfg, rng)
+
+
+def _steps(models, cfg, ds, steps):
+    """Train in this process with one runner, which holds late targets from step to step."""
+    bs = cfg.batch_size
+    runner = reference.OneProcess(models, cfg)
+    for step in steps:
+        i = step % cfg.batches_per_epoch()
+        runner.step(step, ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs],
+                    metrics.empty())
+
+
+@pytest.mark.parametrize("mode", ["backprop", "cdni", "gpipe"])
+def test_checkpoint_of_optimizer_and_norm_state_resumes_bit_for_bit(mode, tmp_path):
+    settings = {**RICH, "mode": mode, "batch_size": 8}
+    cfg, ds, straight = _models(settings)
+    _steps(straight, cfg, ds, range(40))
+    _, _, first = _models(settings)
+    _steps(first, cfg, ds, range(15))
+    for k, m in enumerate(first):                       # through real checkpoint files
+        checkpoint.save_arrays(str(tmp_path / f"stage-{k}.npz"), m.snapshot())
+    _, _, resumed = _models(settings)
+    for k, m in enumerate(resumed):
+        m.load(checkpoint.load_arrays(str(tmp_path / f"stage-{k}.npz")))
+    assert resumed[0].optimizer.t == 15
+    _steps(resumed, cfg, ds, range(15, 40))
+    for a, b in zip(straight, resumed):
+        sa, sb = a.snapshot(), b.snapshot()
+        assert sa.keys() == sb.keys()
+        assert all(np.array_equal(sa[k], sb[k]) for k in sa), mode
+    assert {"bn_gamma", "bn_mean", "bn_var", "opt_W.m", "opt_t"} <= set(straight[0].snapshot())
+
+
+def test_checkpoint_without_optimizer_state_is_refused():
+    _, _, models = _models({**RICH, "mode": "backprop"})
+    snap = models[0].snapshot()
+    del snap["opt_W.v"]
+    with pytest.raises(ValueError, match="lacks opt_W.v"):
+        models[0].load(snap)
+
+
+def test_seed_checkpoint_keeps_its_keys():
+    _, _, models = _models({"mode": "cdni"})
+    assert set(models[0].snapshot()) == {"W", "gen0", "gen1", "gen_steps",
+                                         *(f"counter_{k}" for k in models[0].counters)}
+
+
+def test_evaluation_uses_running_statistics_and_changes_nothing():
+    cfg, ds, models = _models({**RICH, "mode": "backprop"})
+    _steps(models, cfg, ds, range(10))
+    before = [m.snapshot() for m in models]
+    one = reference.evaluate(models, cfg, ds.x_test[:1], ds.y_test[:1])   # a batch of one row
+    assert one["n"] == 1
+    after = [m.snapshot() for m in models]
+    assert all(np.array_equal(b[k], a[k]) for b, a in zip(before, after) for k in b)
+
+
+@pytest.mark.parametrize("mode", ["backprop", "cdni"])
+def test_freeze_hidden_never_moves_a_hidden_layer(mode):
+    settings = {"mode": mode, "freeze_hidden": True, "batch_norm": True, "optimizer": "adam",
+                "lr": 0.01}
+    cfg, ds, models = _models(settings)
+    _, _, fresh = _models(settings)
+    _steps(models, cfg, ds, range(30))
+    for m, f in zip(models[:-1], fresh[:-1]):
+        assert all(np.array_equal(p, q) for p, q in
+                   zip(m.layer.named_params().values(), f.layer.named_params().values()))
+        assert m.optimizer.t == 0
+    assert not np.array_equal(models[-1].layer.W, fresh[-1].layer.W)
+
+
+def test_target_delay_makes_targets_late_by_exactly_that():
+    s = reference.train(make_config({"mode": "cdni", "target_delay": 3, "epochs": 2},
+                                    preset="tiny"), log=None)
+    steps = 2 * 200 // 10
+    for c in s["generators"]:
+        assert c["targets_applied"] == steps - 3
+        assert c["target_lag_max"] == 3 and c["target_lag_sum"] == 3 * (steps - 3)
+
+
+def test_recompute_changes_nothing_when_targets_are_on_time():
+    on = reference.train(make_config({**RICH, "mode": "cdni", "epochs": 2}, preset="tiny"),
+                         log=None)
+    off = reference.train(make_config({**RICH, "mode": "cdni", "epochs": 2,
+                                       "generator_recompute": False}, preset="tiny"), log=None)
+    assert on["weights_sha256"] == off["weights_sha256"]
+
+
+def test_recompute_trains_the_current_guess_when_targets_are_late():
+    settings = {**RICH, "mode": "cdni", "target_delay": 2}
+    cfg, ds, a = _models(settings)
+    _, _, b = _models({**settings, "generator_recompute": False})
+    _steps(a, cfg, ds, range(6))
+    _steps(b, cfg, ds, range(6))
+    # stage 1's generator is the first to take a step on a late target (at step 3, for step 1)
+    assert not np.array_equal(a[1].generator.W2, b[1].generator.W2)
+    assert a[1].weights_sha256() != b[1].weights_sha256()
+
+
+def test_gpipe_with_adam_is_whole_batch_adam():
+    settings = {"optimizer": "adam", "lr": 0.01, "bias": True, "batch_size": 8}
+    cfg, ds, gp = _models({**settings, "mode": "gpipe", "micro_batches": 4})
+    _, _, bp = _models({**settings, "mode": "backprop"})
+    _steps(gp, cfg, ds, range(5))
+    _steps(bp, cfg, ds, range(5))
+    for a, b in zip(gp, bp):
+        assert np.allclose(a.layer.W, b.layer.W, rtol=0, atol=1e-12)
+
+
+def test_layers_sets_the_depth_at_the_preset_width():
+    cfg = make_config({"layers": 5}, preset="digits")
+    assert cfg.hidden == [128] * 4 and cfg.n_stages == 5
+    assert make_config({"layers": 2}).hidden == [128]
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
+    ({"generator_optimizer": "lbfgs"}, "unknown generator_optimizer"),
+    ({"adam_beta1": 1.0}, "adam_beta1 must be in [0, 1)"),
+    ({"adam_beta2": -0.1}, "adam_beta2 must be in [0, 1)"),
+    ({"adam_eps": 0.0}, "adam_eps must be positive"),
+    ({"generator_normalize": "rows"}, "unknown generator_normalize 'rows'"),
+    ({"generator_batch_norm": True}, "generator_batch_norm needs a generator hidden layer"),
+    ({"sg_scale": 0}, "sg_scale must be positive"),
+    ({"target_delay": -1}, "target_delay must be >= 0"),
+    ({"target_delay": 64}, "target_delay (64) must be below max_pending (64)"),
+    ({"layers": 1}, "layers must be at least 2"),
+    ({"batch_norm": "maybe"}, "batch_norm: cannot read 'maybe'"),
+])
+def test_bad_new_settings_are_one_clear_line(settings, needle):
+    with pytest.raises(ConfigError) as err:
+        make_config(settings)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_generator_normalize_still_reads_the_old_boolean():
+    assert make_config({"generator_normalize": True}).generator_normalize == "batch"
+    assert make_config({"generator_normalize": "false"}).generator_normalize == "none"
+    assert make_config({"generator_normalize": "example"}).generator_normalize == "example"

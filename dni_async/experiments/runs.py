@@ -6,7 +6,7 @@ import json
 import os
 
 from dni_async.config import make_config
-from dni_async.experiments.spec import FROZEN_LR, ExperimentFailed
+from dni_async.experiments.spec import ExperimentFailed
 
 
 def run_one(values: dict, runner: str, run_dir: str) -> dict:
@@ -28,15 +28,12 @@ def run_one(values: dict, runner: str, run_dir: str) -> dict:
 
 
 def frozen_control(values: dict) -> dict:
-    """The same network with its hidden layers never trained: only the last layer learns.
-
-    A dni run whose generators have a learning rate of 1e-30 predicts a synthetic gradient of
-    exactly zero forever, so no hidden layer ever moves. Its last layer sees the same inputs in
-    the same order wherever it runs, so the single-process reference gives the pipeline's
-    numbers exactly. A synthetic gradient is worth something only if it beats this.
-    """
+    """The same network with its hidden layers never trained (`freeze_hidden`): only the last
+    layer learns, from the true gradient. Its last layer sees the same inputs in the same order
+    wherever it runs, so the single-process reference gives the pipeline's numbers exactly. A
+    synthetic gradient is worth something only if it beats this."""
     from dni_async.oneprocess import reference
-    cfg = make_config({**values, "mode": "dni", "generator_lr": FROZEN_LR})
+    cfg = make_config({**values, "mode": "backprop", "freeze_hidden": True})
     return reference.train(cfg, log=None)
 
 

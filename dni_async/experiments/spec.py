@@ -9,7 +9,6 @@ from dni_async.config import MODES, ConfigError, make_config, read_toml
 EXIT_BAD_INPUT = 2
 KINDS = ("table", "sweep", "fidelity")
 RUNNERS = ("pipeline", "reference")
-FROZEN_LR = 1e-30   # a generator this slow never leaves zero: hidden layers never change
 
 
 class ExperimentFailed(RuntimeError):

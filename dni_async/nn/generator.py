@@ -1,13 +1,27 @@
 """The synthetic-gradient generator: a small model that guesses dL/dh from a context.
 
-Like the layers, it works on batch sums (see `layers`), so its learning rate is per example.
+Like the layers it computes gradients on batch sums (see `layers`); its own optimizer (SGD:
+learning rate per example summed; Adam: per-example means) takes the step.
+
+Linear by default, over [h, one-hot y] for cdni, as the DNI paper has it; optionally one relu
+hidden layer, with batch norm on it (batch statistics always: a generator only runs in
+training). The output layer starts at zero (as in the paper), so the first synthetic
+gradients are zero and early layer updates are harmless. Trained on 0.5 * ||g_hat - target||^2.
+
+The context can be normalised before the generator sees it: over the batch (each column to
+zero mean, unit spread) or per example (each row to zero mean, unit spread).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from dni_async.nn import optim
+from dni_async.nn.norm import BatchNorm
+
 CONTEXTS = ("h", "y", "hy")
+NORMALIZE = ("none", "batch", "example")
+NORM_EPS = 1e-5
 
 
 def context(kind: str, h, y):
@@ -21,57 +35,109 @@ def context(kind: str, h, y):
     raise ValueError(f"unknown generator context {kind!r}")
 
 
-class Generator:
-    """Predicts dL/dh from a context; linear or with one relu hidden layer.
+def normalize_context(kind: str, c):
+    """The context normalised over the batch (per column) or per example (per row)."""
+    if kind == "none":
+        return c
+    axis = {"batch": 0, "example": 1}[kind]
+    mu = c.mean(axis=axis, keepdims=True)
+    sd = c.std(axis=axis, keepdims=True)
+    return (c - mu) / (sd + NORM_EPS)
 
-    The output layer starts at zero (as in the DNI paper), so the first synthetic gradients
-    are zero and early layer updates are harmless. Trained on 0.5 * ||g_hat - target||^2.
+
+class Generator:
+    """Predicts dL/dh from a context; linear, or one relu hidden layer (optionally normalised).
+
+    `predict` returns (g_hat, cache); `update(cache, g_hat, target)` takes one optimizer step on
+    that prediction's error; `refresh(cache)` recomputes the prediction for the same context
+    with the current weights (for a target that arrives after the generator has moved on).
     """
 
     def __init__(self, ctx_dim: int, out_dim: int, lr: float, dtype, hidden: int = 0,
-                 rng: np.random.RandomState | None = None, normalize: bool = False):
+                 rng: np.random.RandomState | None = None, normalize="none",
+                 batch_norm: bool = False, optimizer: str = "sgd", beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8):
+        if normalize is True or normalize is False:      # the old boolean: over the batch
+            normalize = "batch" if normalize else "none"
+        if normalize not in NORMALIZE:
+            raise ValueError(f"unknown context normalisation {normalize!r}")
         self.lr = lr
         self.hidden = hidden
         self.normalize = normalize
+        self.steps = 0                    # optimizer steps taken so far
+        self.norm = None
+        self.b1 = None
         if hidden:
             rng = rng if rng is not None else np.random.RandomState(0)
             self.W1 = (rng.randn(ctx_dim, hidden) * np.sqrt(2.0 / ctx_dim)).astype(dtype)
-            self.b1 = np.zeros(hidden, dtype)
+            if batch_norm:
+                self.norm = BatchNorm(hidden, dtype, track_running=False)
+            else:
+                self.b1 = np.zeros(hidden, dtype)
             self.W2 = np.zeros((hidden, out_dim), dtype)
         else:
             self.W2 = np.zeros((ctx_dim, out_dim), dtype)
         self.b2 = np.zeros(out_dim, dtype)
+        self.optimizer = optim.make(optimizer, self.named_params(), lr, beta1=beta1,
+                                    beta2=beta2, eps=eps)
 
-    def _input(self, c):
-        if not self.normalize:
-            return c
-        mu = c.mean(axis=0, keepdims=True)
-        sd = c.std(axis=0, keepdims=True)
-        return (c - mu) / (sd + 1e-5)
+    def _forward(self, c):
+        if not self.hidden:
+            return c.dot(self.W2) + self.b2, (c, None, None)
+        a = c.dot(self.W1)
+        nc = None
+        if self.norm is not None:
+            a, nc = self.norm.forward_train(a)
+        else:
+            a = a + self.b1
+        z = np.maximum(a, 0)
+        return z.dot(self.W2) + self.b2, (c, z, nc)
 
     def predict(self, c):
-        """Returns (g_hat, cache); the cache is what `update` needs later."""
-        c = self._input(c)
+        """Returns (g_hat, cache); the cache is what `update` and `refresh` need later."""
+        return self._forward(normalize_context(self.normalize, c))
+
+    def refresh(self, cache):
+        """(g_hat, cache) for the same (already normalised) context, with today's weights."""
+        return self._forward(cache[0])
+
+    def gradients(self, cache, g_hat, target) -> tuple:
+        """(batch-sum gradients by parameter name, squared error) of 0.5 ||g_hat - target||^2."""
+        c, z, nc = cache
+        d = g_hat - target
+        sq = float(np.sum(d * d))
+        grads = {"b2": d.sum(axis=0)}
         if self.hidden:
-            z = np.maximum(c.dot(self.W1) + self.b1, 0)
-            return z.dot(self.W2) + self.b2, (c, z)
-        return c.dot(self.W2) + self.b2, (c, None)
+            dz = d.dot(self.W2.T)
+            dz *= z > 0
+            grads["W2"] = z.T.dot(d)
+            if self.norm is not None:
+                dz, grads["gamma"], grads["beta"] = self.norm.backward(dz, nc)
+            else:
+                grads["b1"] = dz.sum(axis=0)
+            grads["W1"] = c.T.dot(dz)
+        else:
+            grads["W2"] = c.T.dot(d)
+        return grads, sq
 
     def update(self, cache, g_hat, target) -> float:
         """One step towards target; returns the squared error before the step."""
-        c, z = cache
-        d = g_hat - target
+        grads, sq = self.gradients(cache, g_hat, target)
+        self.optimizer.step(grads, g_hat.shape[0])
+        self.steps += 1
+        return sq
+
+    def named_params(self) -> dict:
+        out = {}
         if self.hidden:
-            dz = d.dot(self.W2.T) * (z > 0)
-            self.W2 -= z.T.dot(d) * self.lr
-            self.W1 -= c.T.dot(dz) * self.lr
-            self.b1 -= dz.sum(axis=0) * self.lr
-        else:
-            self.W2 -= c.T.dot(d) * self.lr
-        self.b2 -= d.sum(axis=0) * self.lr
-        return float(np.sum(d * d))
+            out["W1"] = self.W1
+            if self.b1 is not None:
+                out["b1"] = self.b1
+            if self.norm is not None:
+                out.update(self.norm.params())
+        out["W2"] = self.W2
+        out["b2"] = self.b2
+        return out
 
     def params(self) -> list:
-        if self.hidden:
-            return [self.W1, self.b1, self.W2, self.b2]
-        return [self.W2, self.b2]
+        return list(self.named_params().values())

@@ -93,23 +93,48 @@ def loss_sum(loss: str, out, y) -> float:
 # --- dense layer ------------------------------------------------------------------------------
 
 class Dense:
-    """h = f(x @ W (+ b)); the update is applied to batch sums, as in the seed."""
+    """h = f(x @ W (+ b)), or with batch norm h = f(BN(x @ W)); gradients on batch sums.
 
-    def __init__(self, weights, bias, activation: str):
+    `forward` is the evaluation pass (running statistics); `forward_train` also returns what
+    the backward pass needs from the norm (None without one)."""
+
+    def __init__(self, weights, bias, activation: str, norm=None):
         self.W = weights
         self.b = bias
         self.activation = activation
         self.f, self.f_deriv = ACTIVATIONS[activation]
+        self.norm = norm
 
-    def forward(self, x):
+    def _pre(self, x):
         a = x.dot(self.W)
         if self.b is not None:
             a = a + self.b
+        return a
+
+    def forward(self, x):
+        a = self._pre(x)
+        if self.norm is not None:
+            a = self.norm.forward_eval(a)
         return self.f(a)
 
+    def forward_train(self, x):
+        """(h, norm cache): batch statistics when normalised (the running ones move)."""
+        a = self._pre(x)
+        if self.norm is None:
+            return self.f(a), None
+        z, cache = self.norm.forward_train(a)
+        return self.f(z), cache
+
     def delta(self, h, g):
-        """dL/da from dL/dh and the output h."""
+        """dL/dz (the activation's input) from dL/dh and the output h."""
         return g * self.f_deriv(h)
+
+    def through_norm(self, dz, norm_cache):
+        """(dL/da, norm gradients or None): dL/dz carried back through the norm, if any."""
+        if self.norm is None:
+            return dz, None
+        da, dgamma, dbeta = self.norm.backward(dz, norm_cache)
+        return da, {"gamma": dgamma, "beta": dbeta}
 
     def grad_input(self, delta):
         """dL/dx, with the weights the forward pass used (call before `update`)."""
@@ -120,6 +145,7 @@ class Dense:
         return x.T.dot(delta), gb
 
     def apply(self, gW, gb, lr: float):
+        """Plain SGD on batch sums (the seed's step); `StageModel` steps through its optimizer."""
         self.W -= gW * lr
         if self.b is not None:
             self.b -= gb * lr
@@ -130,3 +156,12 @@ class Dense:
 
     def params(self) -> list:
         return [self.W] if self.b is None else [self.W, self.b]
+
+    def named_params(self) -> dict:
+        """Every trained array by name: W, b (if any), the norm's gamma and beta (if any)."""
+        out = {"W": self.W}
+        if self.b is not None:
+            out["b"] = self.b
+        if self.norm is not None:
+            out.update(self.norm.params())
+        return out

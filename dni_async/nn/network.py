@@ -11,7 +11,9 @@ import numpy as np
 from dni_async.data import datasets as data_mod
 from dni_async import nn
 from dni_async.config import Config, ConfigError
+from dni_async.nn import optim
 from dni_async.nn.modes import mode_of
+from dni_async.nn.norm import BatchNorm
 from dni_async.nn.stage_model import StageModel
 
 
@@ -48,12 +50,15 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
     mode = mode_of(cfg)
     ranks = range(n) if ranks is None else ranks
     weights = [init_weights(cfg, rng, widths[k], widths[k + 1]) for k in range(n)]
+    adam = {"beta1": cfg.adam_beta1, "beta2": cfg.adam_beta2, "eps": cfg.adam_eps}
     models = {}
     for k in ranks:
-        W = weights[k].astype(dtype)
-        b = np.zeros(widths[k + 1], dtype) if cfg.bias else None
-        layer = nn.Dense(W, b, acts[k])
         last = k == n - 1
+        W = weights[k].astype(dtype)
+        norm = BatchNorm(widths[k + 1], dtype) if cfg.batch_norm and not last else None
+        # a bias before batch norm is cancelled by its mean: the norm's beta takes its place
+        b = np.zeros(widths[k + 1], dtype) if cfg.bias and norm is None else None
+        layer = nn.Dense(W, b, acts[k], norm=norm)
         gen = None
         if mode.has_generator(k, n):
             ctx = cfg.generator_context()
@@ -62,8 +67,13 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
             gen = nn.Generator(ctx_dim, widths[k + 1], cfg.generator_lr, dtype,
                                hidden=cfg.generator_hidden,
                                rng=np.random.RandomState([cfg.seed, 2, k]),
-                               normalize=cfg.generator_normalize)
+                               normalize=cfg.generator_normalize,
+                               batch_norm=cfg.generator_batch_norm,
+                               optimizer=cfg.generator_optimizer, **adam)
+        opt = optim.make(cfg.optimizer, layer.named_params(), cfg.lr, **adam)
         models[k] = StageModel(layer, lr=cfg.lr, loss=cfg.loss if last else None,
                                generator=gen, context=cfg.generator_context(),
-                               max_pending=cfg.max_pending)
+                               max_pending=cfg.max_pending, optimizer=opt,
+                               frozen=cfg.freeze_hidden and not last, sg_scale=cfg.sg_scale,
+                               recompute=cfg.generator_recompute)
     return [models[k] for k in ranks]

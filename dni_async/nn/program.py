@@ -32,6 +32,7 @@ class Work:
     """What one message's program reads and writes as it runs."""
     step: int
     x: object = None       # the stage's input rows
+    cache: object = None   # what the training forward pass leaves for the backward (x, h, norm)
     y: object = None       # the labels
     g: object = None       # what came back from downstream: dL/dh, or the generator's target
     meta: dict = field(default_factory=dict)
@@ -48,7 +49,8 @@ class StageProgram:
         self.forward_ops = mode.on_forward(rank, self.n)
         self.gradient_ops = mode.on_gradient(rank, self.n)
         self.pieces = mode.pieces(cfg)
-        self.held: dict[int, tuple] = {}      # step -> (x, h, meta) while its gradient is out
+        self.held: dict[int, tuple] = {}      # step -> (cache, meta) while its gradient is out
+        self.last = None                      # the last message's Work (fidelity reads it)
         self.handlers = {op: getattr(self, "_" + op.value) for op in Op}
 
     # -- admission: what a well-formed message must also be to be run ----------------------
@@ -65,19 +67,20 @@ class StageProgram:
     def admits_gradient(self, step: int, rows: int) -> bool:
         if Op.RELEASE in self.gradient_ops:
             entry = self.held.get(step)
-            return entry is not None and entry[1].shape[0] == rows
+            return entry is not None and entry[0].h.shape[0] == rows
         return bool(self.gradient_ops) and rows == self.cfg.batch_size // self.pieces
 
     # -- running ---------------------------------------------------------------------------
 
     def on_forward(self, step: int, x, y, meta=None) -> None:
-        self._run(self.forward_ops, Work(step, x, y, meta or {}))
+        self._run(self.forward_ops, Work(step, x=x, y=y, meta=meta or {}))
 
     def on_gradient(self, step: int, g, meta=None) -> None:
         """Raises ValueError if the gradient does not fit the step it names."""
         self._run(self.gradient_ops, Work(step, g=g, meta=meta or {}))
 
     def _run(self, ops, w: Work) -> None:
+        self.last = w
         for op in ops:
             category = SPAN.get(op)
             if category is None:
@@ -91,40 +94,42 @@ class StageProgram:
         return self.rank > 0
 
     def _forward(self, w):
-        w.h = self.model.forward(w.x)
+        w.cache = self.model.forward_train(w.x)
+        w.h = w.cache.h
 
     def _send_forward(self, w):
         self.send("fwd", w.step, [w.h, w.y], w.meta)
 
     def _hold(self, w):
-        self.held[w.step] = (w.x, w.h, w.meta)
+        self.held[w.step] = (w.cache, w.meta)
 
     def _synthetic_update(self, w):
-        w.upstream = self.model.synthetic_update(w.step, w.x, w.h, w.y,
+        w.upstream = self.model.synthetic_update(w.step, w.cache, w.y,
                                                  need_grad_input=self._needs_upstream)
 
     def _loss_delta(self, w):
-        w.delta, w.upstream = self.model.loss_delta(w.h, w.y, need_grad_input=self._needs_upstream)
+        w.delta, w.upstream = self.model.loss_delta(w.cache, w.y,
+                                                    need_grad_input=self._needs_upstream)
 
     def _release(self, w):
-        x, h, meta = self.held[w.step]
-        if h.shape != w.g.shape:
-            raise ValueError(f"gradient for step {w.step} is {w.g.shape}, expected {h.shape}")
+        cache, meta = self.held[w.step]
+        if cache.h.shape != w.g.shape:
+            raise ValueError(f"gradient for step {w.step} is {w.g.shape}, expected {cache.h.shape}")
         del self.held[w.step]
-        w.x, w.h, w.meta = x, h, meta
+        w.cache, w.x, w.h, w.meta = cache, cache.x, cache.h, meta
 
     def _true_delta(self, w):
-        w.delta, w.upstream = self.model.true_delta(w.h, w.g,
+        w.delta, w.upstream = self.model.true_delta(w.cache, w.g,
                                                     need_grad_input=self._needs_upstream)
 
     def _send_grad(self, w):
         self.send("grad", w.step, [w.upstream], w.meta)
 
     def _update(self, w):
-        self.model.apply(w.x, w.delta)
+        self.model.apply(w.cache, w.delta)
 
     def _accumulate(self, w):
-        self.model.micro_apply(w.step // self.pieces, w.x, w.delta, self.pieces)
+        self.model.micro_apply(w.step // self.pieces, w.cache, w.delta, self.pieces)
 
     def _report_loss(self, w):
         sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, w.h, w.y, w.delta)

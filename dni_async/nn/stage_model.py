@@ -1,12 +1,18 @@
 """One stage's learning rules, per mode; the reference trainer and the stage processes both run these.
 
-A stage owns one dense layer and, when it is not the last stage of a decoupled run, one
-synthetic-gradient generator. Nothing here knows about sockets: the same calls, in the same
-order, give the same numbers in one process or in N.
+A stage owns one dense layer (optionally batch-normalised) with its optimizer and, when it is
+not the last stage of a decoupled run, one synthetic-gradient generator with its own. Nothing
+here knows about sockets: the same calls, in the same order, give the same numbers in one
+process or in N.
 
-backprop:  forward -> (wait for dL/dh) -> true_delta -> send dL/dx upstream -> apply (update W).
-dni/cdni:  forward -> synthetic_update: update W from g_hat = M(context), send the bootstrapped
-           target delta_hat @ W.T upstream -> later, apply_target(step, target) trains M.
+Training starts with `cache = forward_train(x)`: the layer's output `cache.h` (batch statistics
+when normalised) and what the backward pass needs. Every rule below takes that cache.
+`forward(x)` is the evaluation pass (running statistics) and returns h alone.
+
+backprop:  forward_train -> (wait for dL/dh) -> true_delta -> send dL/dx upstream -> apply.
+dni/cdni:  forward_train -> synthetic_update: update the layer from g_hat = M(context), send the
+           bootstrapped target delta_hat @ W.T upstream -> later, apply_target(step, target)
+           trains M (on its prediction recomputed with its current weights when it has moved).
 last stage (any mode): loss_delta (the true gradient) -> send dL/dx upstream -> apply;
            `backward_from_loss` is the two together.
 """
@@ -19,14 +25,31 @@ from collections import OrderedDict
 import numpy as np
 
 from dni_async import nn
+from dni_async.nn import optim
+
+
+class Cache:
+    """What one training forward pass leaves for its backward pass: the input x, the output h,
+    the norm's intermediates and, once the backward pass has run, the norm's gradients."""
+
+    __slots__ = ("x", "h", "norm", "norm_grads")
+
+    def __init__(self, x, h, norm=None):
+        self.x, self.h, self.norm, self.norm_grads = x, h, norm, None
 
 
 class StageModel:
     def __init__(self, layer: nn.Dense, *, lr: float, loss: str | None = None,
                  generator: nn.Generator | None = None, context: str = "h",
-                 max_pending: int = 64):
+                 max_pending: int = 64, optimizer=None, frozen: bool = False,
+                 sg_scale: float = 1.0, recompute: bool = True):
         self.layer = layer
         self.lr = lr
+        self.optimizer = optimizer if optimizer is not None else optim.SGD(
+            layer.named_params(), lr)
+        self.frozen = frozen              # a layer that never updates (the control)
+        self.sg_scale = sg_scale          # synthetic gradients are multiplied by this for W
+        self.recompute = recompute        # late target: recompute g_hat with today's generator
         self.loss = loss                  # set on the last stage only
         self.generator = generator
         self.context = context
@@ -37,7 +60,7 @@ class StageModel:
         self.counters = {"targets_applied": 0, "targets_dropped": 0, "targets_unknown": 0,
                          "target_lag_sum": 0, "target_lag_max": 0}
         self.updates = 0
-        self.accum = None                 # gpipe: [batch, summed dW, summed db, micro-batches]
+        self.accum = None                 # gpipe: [batch, summed grads, rows, micro-batches]
         self.evicted: OrderedDict[int, None] = OrderedDict()   # steps dropped from `pending`
         self.generator_sq_error = 0.0     # sum of ||g_hat - target||^2 over the run so far
 
@@ -46,80 +69,117 @@ class StageModel:
         return self.loss is not None
 
     def forward(self, x):
+        """Evaluation: h from x, with the norm's running statistics. Changes nothing."""
         return self.layer.forward(x)
+
+    def forward_train(self, x) -> Cache:
+        """Training: the cache of this batch (cache.h is the output to send on). With batch
+        norm this uses the batch's statistics and moves the running ones."""
+        h, norm_cache = self.layer.forward_train(x)
+        return Cache(x, h, norm_cache)
 
     # -- true gradients -------------------------------------------------------------------
     # Each rule is two halves: the delta and dL/dx first, the weight update second. A stage
     # process sends dL/dx upstream between the halves, so the previous stage's backward runs
     # while this one updates; called back to back they are plain backprop.
 
-    def true_delta(self, h, g, *, need_grad_input: bool = True):
+    def _delta(self, cache: Cache, g):
+        """dL/da (before the norm) from dL/dh; keeps the norm's gradients in the cache."""
+        delta, cache.norm_grads = self.layer.through_norm(self.layer.delta(cache.h, g),
+                                                          cache.norm)
+        return delta
+
+    def true_delta(self, cache: Cache, g, *, need_grad_input: bool = True):
         """From dL/dh = g: (delta, dL/dx), dL/dx None when not needed."""
-        delta = self.layer.delta(h, g)
+        delta = self._delta(cache, g)
         return delta, self.layer.grad_input(delta) if need_grad_input else None
 
-    def loss_delta(self, h, y, *, need_grad_input: bool = True):
+    def loss_delta(self, cache: Cache, y, *, need_grad_input: bool = True):
         """Last stage: (delta_out, dL/dx) from the loss, the true gradient."""
-        delta = nn.output_delta(self.loss, self.layer.activation, h, y)
+        delta = nn.output_delta(self.loss, self.layer.activation, cache.h, y)
+        if self.layer.norm is not None:
+            delta, cache.norm_grads = self.layer.through_norm(delta, cache.norm)
         return delta, self.layer.grad_input(delta) if need_grad_input else None
 
-    def apply(self, x, delta) -> None:
-        """The weight update for one batch's delta."""
-        self.layer.update(x, delta, self.lr)
+    def _gradients(self, cache: Cache, delta) -> dict:
+        gW, gb = self.layer.gradients(cache.x, delta)
+        grads = {"W": gW, "b": gb}
+        if cache.norm_grads is not None:
+            grads.update(cache.norm_grads)
+        return grads
 
-    def backward(self, x, h, g, *, need_grad_input: bool = True):
+    def apply(self, cache: Cache, delta) -> None:
+        """The weight update for one batch's delta (nothing when the layer is frozen)."""
+        if not self.frozen:
+            self.optimizer.step(self._gradients(cache, delta), cache.x.shape[0])
+
+    def backward(self, cache: Cache, g, *, need_grad_input: bool = True):
         """Backprop step from dL/dh = g; returns dL/dx (None when not needed)."""
-        delta, g_prev = self.true_delta(h, g, need_grad_input=need_grad_input)
-        self.apply(x, delta)
+        delta, g_prev = self.true_delta(cache, g, need_grad_input=need_grad_input)
+        self.apply(cache, delta)
         return g_prev
 
-    def backward_from_loss(self, x, h, y, *, need_grad_input: bool = True):
+    def backward_from_loss(self, cache: Cache, y, *, need_grad_input: bool = True):
         """Last stage: the true gradient from the loss. Returns (dL/dx, delta_out)."""
-        delta, g_prev = self.loss_delta(h, y, need_grad_input=need_grad_input)
-        self.apply(x, delta)
+        delta, g_prev = self.loss_delta(cache, y, need_grad_input=need_grad_input)
+        self.apply(cache, delta)
         return g_prev, delta
 
     # -- gpipe: micro-batches, gradients summed, one update per batch ----------------------
 
-    def micro_backward(self, batch: int, x, h, g, of: int, *, need_grad_input: bool = True):
+    def micro_backward(self, batch: int, cache: Cache, g, of: int, *,
+                       need_grad_input: bool = True):
         """Like `backward`, but only sums the gradient; the update comes with the batch's
         last micro-batch. Micro-batches arrive in order, so the sum's order is fixed."""
-        delta, g_prev = self.true_delta(h, g, need_grad_input=need_grad_input)
-        self.micro_apply(batch, x, delta, of)
+        delta, g_prev = self.true_delta(cache, g, need_grad_input=need_grad_input)
+        self.micro_apply(batch, cache, delta, of)
         return g_prev
 
-    def micro_backward_from_loss(self, batch: int, x, h, y, of: int, *, need_grad_input=True):
-        delta, g_prev = self.loss_delta(h, y, need_grad_input=need_grad_input)
-        self.micro_apply(batch, x, delta, of)
+    def micro_backward_from_loss(self, batch: int, cache: Cache, y, of: int, *,
+                                 need_grad_input=True):
+        delta, g_prev = self.loss_delta(cache, y, need_grad_input=need_grad_input)
+        self.micro_apply(batch, cache, delta, of)
         return g_prev, delta
 
-    def micro_apply(self, batch: int, x, delta, of: int) -> None:
+    def micro_apply(self, batch: int, cache: Cache, delta, of: int) -> None:
         """Add one micro-batch's gradient to its batch's sum; update with the last one."""
-        gW, gb = self.layer.gradients(x, delta)
+        grads = self._gradients(cache, delta)
+        rows = cache.x.shape[0]
         if self.accum is None or self.accum[0] != batch:
-            self.accum = [batch, gW, gb, 1]      # a new batch: whatever was summed is gone
+            self.accum = [batch, grads, rows, 1]   # a new batch: whatever was summed is gone
         else:
-            _, sW, sb, count = self.accum
-            self.accum = [batch, sW + gW, None if gb is None else sb + gb, count + 1]
+            total = self.accum[1]
+            for k, g in grads.items():
+                if g is not None:
+                    total[k] += g
+            self.accum[2] += rows
+            self.accum[3] += 1
         if self.accum[3] == of:
-            self.layer.apply(self.accum[1], self.accum[2], self.lr)
+            if not self.frozen:
+                self.optimizer.step(self.accum[1], self.accum[2])
             self.accum = None
 
     # -- synthetic gradients --------------------------------------------------------------
 
-    def synthetic_update(self, step: int, x, h, y, *, need_grad_input: bool = True):
-        """Update W from the generator's guess of dL/dh, without waiting for anyone.
+    def synthetic_update(self, step: int, cache: Cache, y, *, need_grad_input: bool = True):
+        """Update the layer from the generator's guess of dL/dh, without waiting for anyone.
 
         Returns the target for the previous stage's generator, delta_hat @ W.T, computed
-        with the weights of the forward pass (before this update).
+        with the weights of the forward pass (before this update) and without `sg_scale`.
         """
-        c = nn.context(self.context, h, y)
-        g_hat, cache = self.generator.predict(c)
-        delta = self.layer.delta(h, g_hat)
+        c = nn.context(self.context, cache.h, y)
+        g_hat, gen_cache = self.generator.predict(c)
+        delta = self._delta(cache, g_hat)
         g_prev = self.layer.grad_input(delta) if need_grad_input else None
-        self.layer.update(x, delta, self.lr)
+        if not self.frozen:
+            grads = self._gradients(cache, delta)
+            if self.sg_scale != 1.0:
+                for g in grads.values():
+                    if g is not None:
+                        g *= self.sg_scale
+            self.optimizer.step(grads, cache.x.shape[0])
         self.updates += 1
-        self._remember(step, (cache, g_hat, self.updates))
+        self._remember(step, (gen_cache, g_hat, self.updates, self.generator.steps))
         return g_prev
 
     def _remember(self, step: int, entry) -> None:
@@ -137,18 +197,24 @@ class StageModel:
         return None if entry is None else entry[1]
 
     def apply_target(self, step: int, target) -> bool:
-        """Train the generator on the gradient that arrived for `step`; False if it came too late."""
+        """Train the generator on the gradient that arrived for `step`; False if it came too late.
+
+        If the generator has taken steps since it made this prediction, the prediction is
+        recomputed from the remembered context with its current weights (`recompute`), so the
+        step follows the gradient of today's error rather than of a stale one."""
         entry = self.pending.get(step)
         if entry is None:
             if self.evicted.pop(step, "never") == "never":   # a dropped one is counted already
                 self.counters["targets_unknown"] += 1
             return False
-        cache, g_hat, at = entry
+        gen_cache, g_hat, at, gen_steps = entry
         if target.shape != g_hat.shape or target.dtype != g_hat.dtype:
             raise ValueError(f"target for step {step} is {target.dtype}{target.shape}, "
                              f"expected {g_hat.dtype}{g_hat.shape}")
         del self.pending[step]
-        self.generator_sq_error += self.generator.update(cache, g_hat, target)
+        if self.recompute and self.generator.steps != gen_steps:
+            g_hat, gen_cache = self.generator.refresh(gen_cache)
+        self.generator_sq_error += self.generator.update(gen_cache, g_hat, target)
         self.counters["targets_applied"] += 1
         lag = self.updates - at
         self.counters["target_lag_sum"] += lag
@@ -158,17 +224,29 @@ class StageModel:
     # -- state ----------------------------------------------------------------------------
 
     def arrays(self) -> dict:
-        """Every parameter by name, for saving and checkpoints."""
+        """Every parameter by name (and the norm's running statistics), for saving and
+        checkpoints."""
         out = {"W": self.layer.W}
         if self.layer.b is not None:
             out["b"] = self.layer.b
+        if self.layer.norm is not None:
+            norm = self.layer.norm
+            out.update({f"bn_{k}": v for k, v in {**norm.params(), **norm.buffers()}.items()})
         if self.generator is not None:
             for i, p in enumerate(self.generator.params()):
                 out[f"gen{i}"] = p
         return out
 
+    def _optimizer_state(self) -> dict:
+        out = {f"opt_{k}": v for k, v in self.optimizer.state().items()}
+        if self.generator is not None:
+            out.update({f"gen_opt_{k}": v
+                        for k, v in self.generator.optimizer.state().items()})
+        return out
+
     def load(self, arrays: dict) -> None:
-        """Restore parameters saved by `arrays()`, in place, refusing any shape or dtype change."""
+        """Restore what `snapshot()` saved, in place, refusing any shape or dtype change and
+        a missing parameter or optimizer state."""
         for name, current in self.arrays().items():
             if name not in arrays:
                 raise ValueError(f"checkpoint lacks {name}")
@@ -177,13 +255,28 @@ class StageModel:
                 raise ValueError(f"checkpoint {name} is {new.dtype}{new.shape}, "
                                  f"expected {current.dtype}{current.shape}")
             current[...] = new
+        for prefix, opt in (("opt_", self.optimizer),
+                            ("gen_opt_", getattr(self.generator, "optimizer", None))):
+            if opt is None:
+                continue
+            want = {k: arrays[prefix + k] for k in opt.state() if prefix + k in arrays}
+            missing = [prefix + k for k in opt.state() if prefix + k not in arrays]
+            if missing:
+                raise ValueError(f"checkpoint lacks {missing[0]}")
+            opt.load_state(want)
+        if self.generator is not None and "gen_steps" in arrays:
+            self.generator.steps = int(arrays["gen_steps"])
         for key in self.counters:
             if f"counter_{key}" in arrays:
                 self.counters[key] = int(arrays[f"counter_{key}"])
 
     def snapshot(self) -> dict:
-        """Everything a checkpoint keeps: parameters and counters."""
+        """Everything a checkpoint keeps: parameters, norm statistics, optimizer state,
+        counters."""
         out = {k: np.array(v) for k, v in self.arrays().items()}
+        out.update({k: np.array(v) for k, v in self._optimizer_state().items()})
+        if self.generator is not None:
+            out["gen_steps"] = np.array(self.generator.steps)
         out.update({f"counter_{k}": np.array(v) for k, v in self.counters.items()})
         return out
 
@@ -200,8 +293,12 @@ def fidelity(g_hat, g_true) -> tuple:
 
 
 def weights_sha256(layer: nn.Dense) -> str:
-    """sha256 of the layer's weights (raw bytes, C order), then its bias if it has one."""
+    """sha256 of the layer's weights (raw bytes, C order), then its bias if it has one, then
+    (batch norm) gamma, beta and the running mean and variance."""
     digest = hashlib.sha256(np.ascontiguousarray(layer.W).tobytes())
     if layer.b is not None:
         digest.update(np.ascontiguousarray(layer.b).tobytes())
+    if layer.norm is not None:
+        for a in (*layer.norm.params().values(), *layer.norm.buffers().values()):
+            digest.update(np.ascontiguousarray(a).tobytes())
     return digest.hexdigest()

@@ -1,10 +1,11 @@
-"""The single-process reference trainer: every stage's rules, run in order in one process.
+"""The single-process reference trainer: every stage's programs, run in order in one process.
 
     dni-async reference --preset seed --mode backprop     # the seed post's run
     dni-async reference --preset seed --mode cdni
 
 The pipeline must reproduce this run: in lockstep modes bit for bit, in decoupled modes in
-distribution (targets reach generators at other moments there).
+distribution (targets reach generators at other moments there; `target_delay` makes them late
+here too).
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from collections import deque
 
 import numpy as np
 
-from dni_async.nn import metrics
-from dni_async.nn import network
 from dni_async import report
-from dni_async.nn import stage_model
+from dni_async.config import Config
+from dni_async.nn import metrics, network, stage_model
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
-from dni_async.config import Config
+from dni_async.progress import Progress
 
 
 class OneProcess:
@@ -29,13 +29,17 @@ class OneProcess:
     Messages between stages go into queues: a batch's forward messages are run to the last
     stage first, then the gradients from the last stage back to the first. Each stage thereby
     sees its messages in the order it sees them as a process in lockstep, which is why lockstep
-    pipelines equal this bit for bit; decoupled pipelines differ only in when targets arrive."""
+    pipelines equal this bit for bit; decoupled pipelines differ only in when targets arrive.
+    With `target_delay = D` (modes with generators), a step's targets are held back and reach
+    their generators D steps later, as a pipeline's do."""
 
     def __init__(self, models, cfg: Config):
         self.models, self.cfg, self.n = models, cfg, len(models)
         self.mode = mode_of(cfg)
         self.fwd = [deque() for _ in range(self.n)]
         self.grad = [deque() for _ in range(self.n)]
+        self.delay = cfg.target_delay if self.mode.has_generator(0, self.n) else 0
+        self.late = deque()       # (step, [(stage, message), ...]) waiting out the delay
         self.sums = None
         self.sent = None          # when measuring fidelity: every message of the step
         self.programs = [StageProgram(m, self.mode, cfg, k, self._sender(k))
@@ -64,7 +68,7 @@ class OneProcess:
         cfg, n = self.cfg, self.n
         measure = (fidelity is not None and self.mode.has_generator(0, n)
                    and cfg.fidelity_every > 0 and step % cfg.fidelity_every == 0)
-        w_fwd = [m.layer.W.copy() for m in self.models] if measure else None
+        w_fwd = [_forward_weights(m) for m in self.models] if measure else None
         self.sums, self.sent = sums, ([] if measure else None)
         pieces = self.mode.pieces(cfg)
         if pieces == 1:
@@ -76,7 +80,15 @@ class OneProcess:
             while self.fwd[k]:
                 self.programs[k].on_forward(*self.fwd[k].popleft())
         if measure:
-            fidelity.append(_fidelity_row(self.models, step, x, self.sent, w_fwd))
+            caches = [p.last.cache for p in self.programs]
+            fidelity.append(_fidelity_row(self.models, step, caches, self.sent, w_fwd))
+        if self.delay:
+            self.late.append((step, [(k, m) for k in range(n) for m in self.grad[k]]))
+            for q in self.grad:
+                q.clear()
+            while self.late and self.late[0][0] <= step - self.delay:
+                for k, msg in self.late.popleft()[1]:
+                    self.programs[k].on_gradient(*msg)
         for k in range(n - 2, -1, -1):
             while self.grad[k]:
                 self.programs[k].on_gradient(*self.grad[k].popleft())
@@ -88,11 +100,17 @@ def train_step(models, cfg: Config, step: int, x, y, sums: dict, fidelity=None) 
     OneProcess(models, cfg).step(step, x, y, sums, fidelity)
 
 
-def _fidelity_row(models, step: int, x, sent: list, w_fwd: list) -> dict:
+def _forward_weights(model):
+    """What a layer's backward needs of the forward pass's parameters (updates change them in
+    place): W, and the norm's gamma."""
+    norm = model.layer.norm
+    return model.layer.W.copy(), None if norm is None else norm.gamma.copy()
+
+
+def _fidelity_row(models, step: int, caches: list, sent: list, w_fwd: list) -> dict:
     """Per stage k < N-1: the synthetic dL/dh_k against the true one (cos, relative error),
     and the bootstrapped target it will be trained on against the true one (target_cos)."""
     n = len(models)
-    hs = [x] + [arrays[0] for k, kind, arrays in sent if kind == "fwd"]
     targets = {k: arrays[0] for k, kind, arrays in sent if kind == "grad"}   # sent by stage k
     row = {"step": step, "cos": [0.0] * (n - 1), "rel": [0.0] * (n - 1),
            "target_cos": [1.0] * (n - 1)}
@@ -103,11 +121,17 @@ def _fidelity_row(models, step: int, x, sent: list, w_fwd: list) -> dict:
         if k < n - 2:
             row["target_cos"][k] = stage_model.fidelity(targets[k + 1], true)[0]
         if k > 0:
-            true = models[k].layer.delta(hs[k + 1], true).dot(w_fwd[k].T)
+            layer, (W, gamma) = models[k].layer, w_fwd[k]
+            d = layer.delta(caches[k].h, true)
+            if layer.norm is not None:
+                d = layer.norm.backward(d, caches[k].norm, gamma=gamma)[0]
+            true = d.dot(W.T)
     return row
 
 
-def evaluate(models, cfg: Config, x, y, chunk: int = 4096) -> dict:
+def evaluate(models, cfg: Config, x, y, chunk: int | None = None) -> dict:
+    from dni_async.runtime.runspec import EVAL_CHUNK   # the pipeline's chunk, for equal sums
+    chunk = chunk or EVAL_CHUNK
     sums = metrics.empty()
     for i in range(0, len(x), chunk):
         h = x[i:i + chunk]
@@ -127,20 +151,42 @@ def train(cfg: Config, log=print) -> dict:
     every = report.log_every(cfg)
     history, train_seconds = [], 0.0
     runner = OneProcess(models, cfg)
+    progress = Progress(cfg)
     fidelity = [] if cfg.fidelity_every and runner.mode.has_generator(0, cfg.n_stages) else None
+
+    def held_out(epoch: int, seconds: float) -> dict:
+        test = metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")
+        progress.record(epoch, seconds, test)
+        return test
+
+    if progress.starting():
+        held_out(0, 0.0)
     for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
+        t0, eval_s, done = time.perf_counter(), 0.0, 0
         sums = metrics.empty()
         first = len(fidelity) if fidelity is not None else 0
         for i in range(bpe):
+            if progress.out_of_time(train_seconds + time.perf_counter() - t0 - eval_s):
+                break
             x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
             runner.step(epoch * bpe + i, x, y, sums, fidelity)
-        dt = time.perf_counter() - t0
+            done += 1
+            if progress.trained_one():
+                t1 = time.perf_counter()
+                held_out(epoch, train_seconds + t1 - t0 - eval_s)
+                eval_s += time.perf_counter() - t1
+                if progress.stopped:
+                    break
+        dt = time.perf_counter() - t0 - eval_s
         train_seconds += dt
+        if not done:
+            break
         test = None
-        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
-            test = metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")
-        row = report.history_row(epoch, sums, test, train_seconds, bpe * bs / dt if dt else 0.0)
+        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1 or progress.stopped:
+            point = progress.point_at(progress.batches)
+            test = ({k: v for k, v in point.items() if k.startswith("test_")} if point
+                    else held_out(epoch, train_seconds))
+        row = report.history_row(epoch, sums, test, train_seconds, done * bs / dt if dt else 0.0)
         if fidelity is not None and len(fidelity) > first:   # per stage, this epoch's means
             for key in ("cos", "rel", "target_cos"):
                 row[f"fidelity_{key}"] = np.mean([r[key] for r in fidelity[first:]],
@@ -148,18 +194,25 @@ def train(cfg: Config, log=print) -> dict:
         history.append(row)
         if log and report.diverged(row) and (len(history) < 2 or not report.diverged(history[-2])):
             log(f"epoch {epoch + 1}: {report.DIVERGED}")
-        if log and ((epoch + 1) % every == 0 or epoch == cfg.epochs - 1):
+        if log and ((epoch + 1) % every == 0 or epoch == cfg.epochs - 1 or progress.stopped):
             log(report.format_row(row, cfg.epochs))
+        if progress.stopped:
+            break
     final = {**metrics.summarize(evaluate(models, cfg, ds.x_train, ds.y_train), "train"),
              **metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")}
+    progress.record(len(history) - 1 if history else 0, train_seconds,
+                    {k: v for k, v in final.items() if k.startswith("test_")})
     return {
         "kind": "reference",
         "config": cfg.to_dict(),
         "history": history,
+        "curve": progress.curve,
+        "batches": progress.batches,
+        "stopped": progress.stopped,
         "final": final,
         "wall_seconds": time.perf_counter() - wall0,
         "train_seconds": train_seconds,
-        "samples_per_s": cfg.epochs * bpe * bs / train_seconds if train_seconds else 0.0,
+        "samples_per_s": progress.batches * bs / train_seconds if train_seconds else 0.0,
         "weights_sha256": [m.weights_sha256() for m in models],
         "generators": _generator_counters(models),
         "fidelity": fidelity,

@@ -1,0 +1,121 @@
+"""The single-process study behind the mnist1d and digits presets (issue 12, math half).
+
+    OPENBLAS_NUM_THREADS=1 python launch/math_study.py PHASE OUT.jsonl
+
+Phases: `pick` (settings tried on MNIST-1D, 6 layers, seed 1), `table` (the presets: backprop,
+cdni and the frozen-hidden control, 3 and 6 layers, MNIST-1D and digits, seeds 1-3), `delay`
+(cdni on MNIST-1D, 6 layers, generator targets applied D = 0, 1, 2, 4 steps late, with and
+without recomputing the generator's guess; seeds 1-3), `norm` (cdni on MNIST-1D, 3 and 6
+layers, the generator's context normalised over the batch or per example; seeds 1-3),
+`longer` (MNIST-1D, 6 layers: 120 epochs instead of 60; batch-normalised context with
+targets 2 steps late). Every
+run is the reference trainer; each finished run appends one JSON line to OUT.
+`summary OUT.jsonl` prints the tables.
+"""
+
+import json
+import sys
+import time
+from collections import defaultdict
+
+from dni_async.config import make_config
+from dni_async.oneprocess import reference
+
+
+def run(out, label, preset, **settings):
+    cfg = make_config({"eval_every": 1000, "log_every": 1000, **settings}, preset=preset)
+    t0 = time.process_time()
+    s = reference.train(cfg, log=None)
+    row = {"label": label, "preset": preset, "settings": settings,
+           "test_acc": s["final"]["test_bit_acc"], "train_acc": s["final"]["train_bit_acc"],
+           "cpu_s": time.process_time() - t0, "generators": s["generators"]}
+    with open(out, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(f"{label:60s} {row['test_acc']:.3f} (train {row['train_acc']:.3f}) "
+          f"{row['cpu_s']:.1f} s", flush=True)
+
+
+def pick(out):
+    sgd = {"optimizer": "sgd", "lr": 0.002, "batch_norm": False, "generator_optimizer": "sgd",
+           "generator_lr": 0.0001}
+    for name, s in [
+        ("backprop, SGD (old preset), no BN", {"mode": "backprop", **sgd}),
+        ("backprop, Adam 1e-3, BN", {"mode": "backprop", "lr": 0.001}),
+        ("backprop, Adam 1e-2, no BN", {"mode": "backprop", "batch_norm": False}),
+        ("backprop, Adam 1e-2, BN (preset)", {"mode": "backprop"}),
+        ("backprop, Adam 3e-3, BN", {"mode": "backprop", "lr": 0.003}),
+        ("cdni, SGD layers + SGD generators (old preset)", {"mode": "cdni", **sgd}),
+        ("cdni, Adam layers + SGD generators 1e-4", {"mode": "cdni", "generator_optimizer": "sgd",
+                                                     "generator_lr": 0.0001}),
+        ("cdni, SGD layers + Adam generators", {"mode": "cdni", "optimizer": "sgd",
+                                                "lr": 0.002}),
+        ("cdni, Adam generators 1e-4", {"mode": "cdni", "generator_lr": 0.0001}),
+        ("cdni, Adam generators 1e-3 (preset)", {"mode": "cdni"}),
+        ("cdni, Adam generators 3e-3", {"mode": "cdni", "generator_lr": 0.003}),
+        ("cdni, context normalised per example", {"mode": "cdni",
+                                                  "generator_normalize": "example"}),
+        ("cdni, context normalised over the batch", {"mode": "cdni",
+                                                     "generator_normalize": "batch"}),
+        ("cdni, generator hidden 64 + BN", {"mode": "cdni", "generator_hidden": 64,
+                                            "generator_batch_norm": True}),
+        ("cdni, sg_scale 0.5", {"mode": "cdni", "sg_scale": 0.5}),
+        ("cdni, no batch norm", {"mode": "cdni", "batch_norm": False}),
+        ("dni (context h), preset otherwise", {"mode": "dni"}),
+    ]:
+        run(out, name, "mnist1d", layers=6, seed=1, **s)
+
+
+def table(out):
+    for preset in ("mnist1d", "digits"):
+        for layers in (3, 6):
+            for seed in (1, 2, 3):
+                for mode, extra in (("backprop", {}), ("cdni", {}),
+                                    ("frozen", {"mode": "backprop", "freeze_hidden": True})):
+                    s = {"mode": mode, **extra}
+                    run(out, f"{preset} {layers} layers {mode} seed {seed}", preset,
+                        layers=layers, seed=seed, **s)
+
+
+def delay(out):
+    for d in (0, 1, 2, 4):
+        for recompute in ((True,) if d == 0 else (True, False)):
+            for seed in (1, 2, 3):
+                run(out, f"delay {d} recompute {recompute} seed {seed}", "mnist1d", layers=6,
+                    mode="cdni", seed=seed, target_delay=d, generator_recompute=recompute)
+
+
+def context_norm(out):
+    for layers in (6, 3):
+        for norm in ("batch", "example"):     # "none" is the preset: see `table`
+            for seed in (1, 2, 3):
+                run(out, f"mnist1d {layers} layers cdni, context normalisation {norm} seed {seed}",
+                    "mnist1d", layers=layers, mode="cdni", seed=seed, generator_normalize=norm)
+
+
+def longer(out):
+    for seed in (1, 2, 3):
+        for mode in ("backprop", "cdni"):
+            run(out, f"mnist1d 6 layers {mode}, 120 epochs seed {seed}", "mnist1d", layers=6,
+                mode=mode, seed=seed, epochs=120)
+    for seed in (1, 2, 3):
+        run(out, f"mnist1d 6 layers cdni, context normalisation batch, delay 2 seed {seed}",
+            "mnist1d", layers=6, mode="cdni", seed=seed, generator_normalize="batch",
+            target_delay=2)
+
+
+def summary(path):
+    rows = [json.loads(line) for line in open(path)]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["label"].rsplit(" seed ", 1)[0]].append(r)
+    for name, rs in groups.items():
+        accs = [r["test_acc"] for r in rs]
+        mean = sum(accs) / len(accs)
+        cpu = sum(r["cpu_s"] for r in rs) / len(rs)
+        print(f"| {name} | {mean:.3f} | {' / '.join(f'{a:.3f}' for a in accs)} | {cpu:.0f} |")
+
+
+if __name__ == "__main__":
+    phase, path = sys.argv[1], sys.argv[2]
+    {"pick": pick, "table": table, "delay": delay, "norm": context_norm, "longer": longer,
+     "summary": summary}[phase](path)
