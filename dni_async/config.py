@@ -75,6 +75,8 @@ class Config:
     sg_scale: float = 1.0               # synthetic gradients are multiplied by this for the layer
     target_delay: int = 0               # reference dni/cdni: targets reach generators D steps late
     context: str = "auto"               # h | y | hy; auto: h for dni, hy for cdni
+    true_boundaries: list = field(default_factory=list)   # dni/cdni: boundaries k (stage k ->
+                                        # k+1) that carry the true gradient; stage k waits there
     micro_batches: int = 4              # gpipe only
     seed: int = 1
     dtype: str = "float64"
@@ -195,7 +197,7 @@ def _coerce(name: str, value, current):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             value = list(value)
-            if name == "hidden":
+            if name in ("hidden", "true_boundaries"):
                 return [int(v) for v in value]
             return [str(v) for v in value]
         if isinstance(current, int):
@@ -299,6 +301,12 @@ def validate(cfg: Config) -> None:
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.log_every >= 0, "log_every must be >= 0")
     need(cfg.eval_batches >= 0, "eval_batches must be >= 0")
+    bad = [k for k in cfg.true_boundaries if not 0 <= k < cfg.n_stages - 1]
+    need(not bad, f"true_boundaries: {bad} outside 0..{cfg.n_stages - 2} (boundary k joins "
+                  f"stage k and k+1)")
+    need(not cfg.true_boundaries or modes.MODES[cfg.mode].decoupled,
+         "true_boundaries chooses true gradients in dni/cdni; in lockstep modes every "
+         "boundary carries them already")
     need(0 <= cfg.time_budget_s < float("inf"), "time_budget_s must be a number of seconds >= 0")
     from dni_async.progress import parse_target
     parse_target(cfg.stop_at, "stop_at")

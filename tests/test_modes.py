@@ -127,3 +127,41 @@ def test_decoupled_stage_updates_at_once_and_trains_its_generator_later(name):
     assert models[1].counters["target_lag_sum"] == 2, "two own updates since step 0's guess"
     assert any(not np.array_equal(a, b) for a, b in zip(g_before, models[1].generator.params()))
     assert progs[0].admits_batch(0, 8) and not progs[0].admits_batch(0, 7)
+
+
+def test_a_true_boundary_makes_its_stage_wait_as_lockstep_does():
+    """cdni with boundary 1 on the true gradient: stage 1 holds its batch until stage 2's
+    dL/dx comes back, takes no other batch meanwhile, and has no generator; stage 0 stays
+    decoupled."""
+    cfg, ds, models, progs, sent = programs("cdni", true_boundaries=[1])
+    assert models[1].generator is None and models[0].generator is not None
+    assert progs[1].forward_ops == (Op.FORWARD, Op.SEND_FORWARD, Op.HOLD)
+    assert progs[1].gradient_ops == (Op.RELEASE, Op.TRUE_DELTA, Op.SEND_GRAD, Op.UPDATE)
+    x, y = ds.x_train[:8], ds.y_train[:8]
+    h0 = models[0].forward(x)
+    progs[1].on_forward(0, h0, y)
+    assert not progs[1].ready_for_batch(), "it leaves the next batch queued"
+    w = models[1].layer.W.copy()
+    progs[1].on_gradient(0, np.full((8, 12), 1e-3))
+    assert progs[1].ready_for_batch() and not np.array_equal(w, models[1].layer.W)
+    assert [k for k, _ in sent[1]] == ["fwd", "grad"]
+    assert progs[0].ready_for_batch() and progs[0].gradient_ops == (Op.TRAIN_GENERATOR,)
+
+
+def test_true_boundaries_are_for_decoupled_modes_and_real_boundaries():
+    from dni_async.config import ConfigError
+    with pytest.raises(ConfigError, match="outside"):
+        make_config({**SMALL, "mode": "cdni", "true_boundaries": [2]}, preset="tiny")
+    with pytest.raises(ConfigError, match="lockstep"):
+        make_config({**SMALL, "mode": "backprop", "true_boundaries": [0]}, preset="tiny")
+
+
+def test_every_boundary_true_is_backprop_in_one_process():
+    """cdni with every boundary on the true gradient does what lockstep backprop does, to
+    the bit, in the one-process reference."""
+    from dni_async.oneprocess import reference
+    base = {**SMALL, "epochs": 2}
+    bp = reference.train(make_config({**base, "mode": "backprop"}, preset="tiny"), log=None)
+    tb = reference.train(make_config({**base, "mode": "cdni", "true_boundaries": [0, 1]},
+                                     preset="tiny"), log=None)
+    assert tb["weights_sha256"] == bp["weights_sha256"]

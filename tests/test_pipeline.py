@@ -82,3 +82,21 @@ def test_cdni_pipeline_learns_the_seed_task(no_leftovers):
     # generators' targets arrive 1-3 updates late. 600 of the demo's 1000 epochs it is.
     s = run_pipeline(no_leftovers, "--mode", "cdni", "--epochs", "600", timeout=300)
     assert s["final"]["train_bit_acc"] >= 0.99, s["final"]
+
+
+def test_cdni_with_every_boundary_true_is_lockstep_backprop_on_real_processes(no_leftovers):
+    """Coupled stages wait for their gradients even with 4 batches in flight: the weights are
+    lockstep backprop's, to the bit."""
+    got = run_pipeline(no_leftovers, "--preset", "tiny", "--mode", "cdni", "--epochs", "3",
+                       "--max-in-flight", "4", "--set", "true_boundaries=0,1")
+    want = reference_summary(preset="tiny", mode="backprop", epochs=3)
+    assert got["weights_sha256"] == want["weights_sha256"]
+    assert sum(got["bad_messages"].values()) == 0
+
+
+def test_cdni_with_one_true_boundary_learns_without_a_hang(no_leftovers):
+    s = run_pipeline(no_leftovers, "--mode", "cdni", "--epochs", "300", "--max-in-flight", "4",
+                     "--set", "true_boundaries=1")
+    assert s["final"]["train_bit_acc"] >= 0.9, s["final"]
+    lags = [st["counters"] for st in s["stages"]]
+    assert lags[0]["targets_applied"] > 0 and lags[1]["targets_applied"] == 0

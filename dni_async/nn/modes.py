@@ -60,31 +60,46 @@ class Mode:
         return frozenset({"loss"} if self.decoupled else {"loss", "done"})
 
     # -- a stage's side ------------------------------------------------------------------------
+    # `coupled` is the set of boundaries k (between stage k and k+1) that carry the true
+    # gradient in a decoupled mode (`true_boundaries`): there stage k waits for stage k+1 as
+    # in lockstep. In lockstep modes every boundary is coupled.
 
-    def has_generator(self, rank: int, n: int) -> bool:
-        return self.decoupled and rank < n - 1
+    def synthetic(self, rank: int, n: int, coupled=()) -> bool:
+        """Does stage `rank` update from its generator's guess rather than the true dL/dh?"""
+        return self.decoupled and rank < n - 1 and rank not in coupled
 
-    def holds(self, cfg) -> int:
+    def has_generator(self, rank: int, n: int, coupled=()) -> bool:
+        return self.synthetic(rank, n, coupled)
+
+    def holds(self, cfg, rank: int = 0) -> int:
         """Steps a stage keeps while it waits for their gradients (0: it never waits)."""
-        return 0 if self.decoupled else self.pieces(cfg)
+        if self.synthetic(rank, cfg.n_stages, cfg.true_boundaries):
+            return 0
+        return self.pieces(cfg)
 
-    def on_forward(self, rank: int, n: int) -> tuple:
+    def waits_before_next(self, rank: int, n: int, coupled=()) -> bool:
+        """A coupled stage of a decoupled mode takes no batch while it holds one: nothing
+        else bounds it, since the coordinator keeps several batches in flight."""
+        return self.decoupled and rank < n - 1 and not self.synthetic(rank, n, coupled)
+
+    def on_forward(self, rank: int, n: int, coupled=()) -> tuple:
         """What stage `rank` of `n` does with a training batch."""
         up = (Op.SEND_GRAD,) if rank > 0 else ()
         if rank == n - 1:       # the loss is here: the true gradient, whatever the mode
             return (Op.FORWARD, Op.LOSS_DELTA, *up, self._update(), Op.REPORT_LOSS)
-        if self.decoupled:      # the next stage first, so it can start at once
+        if self.synthetic(rank, n, coupled):   # the next stage first, so it can start at once
             return (Op.FORWARD, Op.SEND_FORWARD, Op.SYNTHETIC_UPDATE, *up)
         return (Op.FORWARD, Op.SEND_FORWARD, Op.HOLD)
 
-    def on_gradient(self, rank: int, n: int) -> tuple:
+    def on_gradient(self, rank: int, n: int, coupled=()) -> tuple:
         """What stage `rank` of `n` does when a gradient for one of its steps comes back."""
         if rank == n - 1:
             return ()           # nothing is downstream of the last stage
-        if self.decoupled:
+        if self.synthetic(rank, n, coupled):
             return (Op.TRAIN_GENERATOR,)
-        if rank == 0:
-            return (Op.RELEASE, Op.TRUE_DELTA, self._update(), Op.REPORT_DONE)
+        if rank == 0:           # the coordinator waits for `done` only in lockstep
+            return (Op.RELEASE, Op.TRUE_DELTA, self._update(),
+                    *(() if self.decoupled else (Op.REPORT_DONE,)))
         # dL/dx upstream before the update: the previous stage's backward runs beside it
         return (Op.RELEASE, Op.TRUE_DELTA, Op.SEND_GRAD, self._update())
 

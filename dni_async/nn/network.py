@@ -60,7 +60,7 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
         b = np.zeros(widths[k + 1], dtype) if cfg.bias and norm is None else None
         layer = nn.Dense(W, b, acts[k], norm=norm)
         gen = None
-        if mode.has_generator(k, n):
+        if mode.has_generator(k, n, cfg.true_boundaries):
             ctx = cfg.generator_context()
             ctx_dim = {"h": widths[k + 1], "y": cfg.output_dim,
                        "hy": widths[k + 1] + cfg.output_dim}[ctx]

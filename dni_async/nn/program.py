@@ -46,8 +46,11 @@ class StageProgram:
         self.model, self.mode, self.cfg = model, mode, cfg
         self.rank, self.n = rank, cfg.n_stages
         self.send, self.span = send, span
-        self.forward_ops = mode.on_forward(rank, self.n)
-        self.gradient_ops = mode.on_gradient(rank, self.n)
+        coupled = cfg.true_boundaries
+        self.forward_ops = mode.on_forward(rank, self.n, coupled)
+        self.gradient_ops = mode.on_gradient(rank, self.n, coupled)
+        self.limit = mode.holds(cfg, rank)
+        self.waits = mode.waits_before_next(rank, self.n, coupled)
         self.pieces = mode.pieces(cfg)
         self.held: dict[int, tuple] = {}      # step -> (cache, meta) while its gradient is out
         self.last = None                      # the last message's Work (fidelity reads it)
@@ -62,7 +65,12 @@ class StageProgram:
             return False
         if Op.HOLD not in self.forward_ops:
             return True
-        return step not in self.held and len(self.held) < self.mode.holds(self.cfg)
+        return step not in self.held and len(self.held) < self.limit
+
+    def ready_for_batch(self) -> bool:
+        """False while a stage that waits for its gradients before the next batch holds one:
+        its process then leaves further batches queued instead of reading them."""
+        return not (self.waits and len(self.held) >= self.limit)
 
     def admits_gradient(self, step: int, rows: int) -> bool:
         if Op.RELEASE in self.gradient_ops:

@@ -18,7 +18,7 @@ import numpy as np
 from dni_async import report
 from dni_async.config import Config
 from dni_async.nn import metrics, network, stage_model
-from dni_async.nn.modes import mode_of
+from dni_async.nn.modes import Op, mode_of
 from dni_async.nn.program import StageProgram
 from dni_async.progress import Progress
 
@@ -38,7 +38,7 @@ class OneProcess:
         self.mode = mode_of(cfg)
         self.fwd = [deque() for _ in range(self.n)]
         self.grad = [deque() for _ in range(self.n)]
-        self.delay = cfg.target_delay if self.mode.has_generator(0, self.n) else 0
+        self.delay = cfg.target_delay
         self.late = deque()       # (step, [(stage, message), ...]) waiting out the delay
         self.sums = None
         self.sent = None          # when measuring fidelity: every message of the step
@@ -66,7 +66,7 @@ class OneProcess:
         it also carries the true dL/dh back from the loss through the forward-pass weights and
         appends, per stage, how close the synthetic gradient came; training is unchanged."""
         cfg, n = self.cfg, self.n
-        measure = (fidelity is not None and self.mode.has_generator(0, n)
+        measure = (fidelity is not None and self.mode.decoupled and not cfg.true_boundaries
                    and cfg.fidelity_every > 0 and step % cfg.fidelity_every == 0)
         w_fwd = [_forward_weights(m) for m in self.models] if measure else None
         self.sums, self.sent = sums, ([] if measure else None)
@@ -82,10 +82,11 @@ class OneProcess:
         if measure:
             caches = [p.last.cache for p in self.programs]
             fidelity.append(_fidelity_row(self.models, step, caches, self.sent, w_fwd))
-        if self.delay:
-            self.late.append((step, [(k, m) for k in range(n) for m in self.grad[k]]))
-            for q in self.grad:
-                q.clear()
+        if self.delay:     # generators' targets wait; a coupled stage's gradient does not
+            late = [k for k in range(n) if self.programs[k].gradient_ops == (Op.TRAIN_GENERATOR,)]
+            self.late.append((step, [(k, m) for k in late for m in self.grad[k]]))
+            for k in late:
+                self.grad[k].clear()
             while self.late and self.late[0][0] <= step - self.delay:
                 for k, msg in self.late.popleft()[1]:
                     self.programs[k].on_gradient(*msg)
@@ -152,7 +153,7 @@ def train(cfg: Config, log=print) -> dict:
     history, train_seconds = [], 0.0
     runner = OneProcess(models, cfg)
     progress = Progress(cfg)
-    fidelity = [] if cfg.fidelity_every and runner.mode.has_generator(0, cfg.n_stages) else None
+    fidelity = [] if cfg.fidelity_every and runner.mode.decoupled else None
 
     def held_out(epoch: int, seconds: float) -> dict:
         test = metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")

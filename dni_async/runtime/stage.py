@@ -116,6 +116,8 @@ class Stage:
             self._on_control()
         # gradients first: they free memory and unblock lockstep
         for sock, handle in ((links.grad_in, self._on_grad), (links.fwd_in, self._on_fwd)):
+            if sock is links.fwd_in and not self.program.ready_for_batch():
+                continue        # a coupled stage waits for its gradient; batches stay queued
             if sock is not None and sock in ready:
                 msg = links.recv(sock)
                 if msg is not None:

@@ -169,7 +169,8 @@ def summarize_mode(cfg: Config, runs: list, warmup: int, cores: int, target, met
         out["stage_parts_ms"] = [[1000 * p[k] for p in parts] for k in range(len(t))]
         lb = b["lockstep_bound_samples_per_s"]
         out["lockstep_efficiency"] = rate / lb if lb else None
-    if mode_of(cfg).has_generator(0, cfg.n_stages):
+    if any(mode_of(cfg).has_generator(k, cfg.n_stages, cfg.true_boundaries)
+           for k in range(cfg.n_stages - 1)):
         out["generator"] = generator_info(cfg)
     return out
 
