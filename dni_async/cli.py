@@ -85,7 +85,10 @@ def _cmd_reference(args) -> int:
     cfg = config_from_args(args)
     if args.json:
         report.ensure_writable(args.json)
-    summary = reference.train(cfg, log=None if args.quiet else print)
+    from dni_async.measure import live
+    with live.epoch_bar(f"reference {cfg.mode}", cfg.epochs, enabled=not args.quiet) as bar:
+        summary = reference.train(cfg, log=None if args.quiet else bar.say,
+                                  progress=bar.advance)
     f = summary["final"]
     print(f"reference {cfg.mode}: train bit acc {f['train_bit_acc']:.4f} "
           f"exact {f['train_exact_acc']:.4f} | test bit acc {f['test_bit_acc']:.4f} "

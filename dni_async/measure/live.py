@@ -148,7 +148,7 @@ def strip_text(strip, width: int):
     return t
 
 
-def glimpse_window(g: dict, batches: int = 8):
+def glimpse_window(g: dict, batches: int = 5):
     """A stretch of the glimpse showing about `batches` batches (from stage 0's forwards)."""
     t0, t1 = g["t0_us"], g["t1_us"]
     fwd = sorted(ts for c, ts, d, s in (g["stages"][0] if g["stages"] else ())
@@ -188,8 +188,10 @@ def glimpse_lane(spans, start: float, end: float, width: int):
         cat = max(cover[i], key=cover[i].get)
         if cat == "wait":
             t.append("·", style="grey42 on grey11")
+        elif cat == "send":
+            t.append("»", style=f"bold white on {COLORS[cat]}")
         else:
-            digit = str(steps[i] % 10) if steps[i] is not None and cat != "send" else " "
+            digit = str(steps[i] % 10) if steps[i] is not None else " "
             t.append(digit, style=f"bold white on {COLORS[cat]}")
     return t
 
@@ -200,10 +202,12 @@ def legend():
     for cat in CATEGORIES:
         if cat == "wait":
             t.append(" · ", style="grey42 on grey11")
+        elif cat == "send":
+            t.append(" » ", style=f"bold white on {COLORS[cat]}")
         else:
             t.append("   ", style=f"on {COLORS[cat]}")
         t.append(f" {cat}  ")
-    t.append("  blank: not timed;  digits: batch number (last digit)", style="dim")
+    t.append(" digits: batch (last digit); blank: in no span", style="dim")
     return t
 
 
@@ -256,7 +260,7 @@ def render(feed: Feed, width: int = 160, log_lines: int = 4):
         ("   held-out ", "bold"),
         f"{s['test_bit_acc']:.4f}" if s["test_bit_acc"] is not None else "-")
 
-    strip_w = max(10, min(STRIP, width - 100))
+    strip_w = max(10, min(STRIP, width - 110))
     lanes = Table(box=None, padding=(0, 1), expand=False, show_edge=False)
     lanes.add_column("stage", style="bold")
     lanes.add_column(f"last {strip_w} heartbeats", no_wrap=True)
@@ -264,16 +268,17 @@ def render(feed: Feed, width: int = 160, log_lines: int = 4):
     for cat in CATEGORIES:
         lanes.add_column(SHORT[cat], justify="right", style=COLORS[cat] if cat != "wait" else "grey62")
     lanes.add_column("batches", justify="right")
-    lanes.add_column("held/pend", justify="right")
-    lanes.add_column("lag mean/max", justify="right")
+    lanes.add_column("held", justify="right")
+    lanes.add_column("pending", justify="right")
+    lanes.add_column("lag", justify="right")
     lanes.add_column("dropped", justify="right")
     for k, st in enumerate(s["stages"]):
         sh = st.get("shares") or {}
-        lag = "-" if st.get("lag_mean") is None else f"{st['lag_mean']:.2f}/{st['lag_max']}"
+        lag = "-" if st.get("lag_mean") is None else f"{st['lag_mean']:.1f}≤{st['lag_max']}"
         lanes.add_row(f"stage {k}", strip_text(feed.strips[k] if k < len(feed.strips) else (),
                                                strip_w),
                       _pct(st.get("busy")), *(_pct(sh.get(c)) for c in CATEGORIES),
-                      f"{st.get('batches', 0):,}", f"{st.get('held', 0)}/{st.get('pending', 0)}",
+                      f"{st.get('batches', 0):,}", str(st.get("held", 0)), str(st.get("pending", 0)),
                       lag, str(st.get("targets_dropped", 0)))
 
     parts = [head, bar, curves, Text(""), lanes]
@@ -418,6 +423,43 @@ class PlainView(View):
             self.said_final = self.feed.final
             self.said_at = now
             print(plain_line(s), file=self.out, flush=True)
+
+
+class epoch_bar:
+    """A progress bar over epochs for a one-process command, in a terminal; elsewhere its
+    `say` is print and `advance` does nothing. Lines said go above the bar."""
+
+    def __init__(self, description: str, total: int, enabled: bool = True):
+        self.description, self.total = description, total
+        self.progress = None
+        if enabled and is_terminal():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("epochs"),
+                                     TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn(), transient=True)
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        return False
+
+    def say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def advance(self, done: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done)
 
 
 def make_view(spec, live: bool, quiet: bool = False) -> View | None:

@@ -117,8 +117,9 @@ def evaluate(models, cfg: Config, x, y, chunk: int = 4096) -> dict:
     return sums
 
 
-def train(cfg: Config, log=print) -> dict:
-    """Train in one process; returns the run summary (the same keys `train` writes)."""
+def train(cfg: Config, log=print, progress=None) -> dict:
+    """Train in one process; returns the run summary (the same keys `train` writes).
+    `progress(epochs_done)`, when given, is called after every epoch (a progress bar)."""
     wall0 = time.perf_counter()
     ds, rng = network.load_data_and_rng(cfg)
     network.resolve_dims(cfg, ds)
@@ -150,6 +151,8 @@ def train(cfg: Config, log=print) -> dict:
             log(f"epoch {epoch + 1}: {report.DIVERGED}")
         if log and ((epoch + 1) % every == 0 or epoch == cfg.epochs - 1):
             log(report.format_row(row, cfg.epochs))
+        if progress:
+            progress(epoch + 1)
     final = {**metrics.summarize(evaluate(models, cfg, ds.x_train, ds.y_train), "train"),
              **metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")}
     return {
