@@ -337,19 +337,18 @@ def plot_runs(run_dirs: list, out: str | None = None) -> list | None:
                     ax_busy.bar(x, share, bar_w * 0.95, bottom=bottom, color=col,
                                 edgecolor="white", linewidth=0.3)
                     bottom += share
-            if n_runs > 1:
-                ax_busy.text(x, bottom + 0.01, label.split(" (")[0], ha="center", va="bottom",
-                             fontsize=6.5, rotation=90)
-    n_st = max(len(s.get("stages", [])) for s in summaries)
-    ax_busy.set_xticks(range(n_st))
-    ax_busy.set_xticklabels([f"stage {k}" for k in range(n_st)])
-    ax_busy.set_ylim(0, 1.25 if n_runs > 1 else 1.05)
+            ticks.append(x)
+            ticklabels.append(f"stage {st['rank']}" + (f"\n{s['config']['mode']}"
+                                                       if n_runs > 1 else ""))
+    ax_busy.set_xticks(ticks)
+    ax_busy.set_xticklabels(ticklabels, fontsize=7 if n_runs > 1 else 9)
+    ax_busy.set_ylim(0, 1.22)
     ax_busy.set_ylabel("share of the stage's wall time")
     ax_busy.set_title("where each stage's time went (white above: in no span)", loc="left",
                       fontsize=10)
     from matplotlib.patches import Patch
     ax_busy.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()], fontsize=7,
-                   ncol=4, loc="upper right")
+                   ncol=len(COLORS), loc="upper center", columnspacing=0.8, handlelength=1.2)
 
     # target lag: own updates before a generator target arrives, per stage and run
     drew = False
