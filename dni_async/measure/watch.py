@@ -32,7 +32,7 @@ def main(run_dir: str, plain: bool = False) -> int:
         while not feed.final:
             view.tick(0.1)
             heard = feed.heard_at or began
-            if time.monotonic() - heard > QUIET_S and _ended(run_dir, began):
+            if time.monotonic() - heard > QUIET_S and _ended(run_dir):
                 break
     except KeyboardInterrupt:
         view.close()
@@ -43,13 +43,9 @@ def main(run_dir: str, plain: bool = False) -> int:
     return 0
 
 
-def _ended(run_dir: str, since: float) -> bool:
-    """One of the files a run leaves at its end is there (and not from an earlier attempt)."""
-    for name in ENDED:
-        p = os.path.join(run_dir, name)
-        if os.path.exists(p) and (time.time() - os.path.getmtime(p)) < 1e9:
-            return True
-    return False
+def _ended(run_dir: str) -> bool:
+    """One of the files a run leaves at its end is there (`train` removes them at its start)."""
+    return any(os.path.exists(os.path.join(run_dir, name)) for name in ENDED)
 
 
 def _ending(run_dir: str, feed) -> str:
