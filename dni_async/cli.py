@@ -1,4 +1,4 @@
-"""The `dni-async` command: train, reference, bench, experiment, plan, keys, stage, coordinator.
+"""The `dni-async` command: train, watch, plot, reference, bench, experiment, plan, keys, stage.
 
 Bad settings end here with one line on stderr and exit status 2, before any process starts.
 """
@@ -102,7 +102,10 @@ def _cmd_reference(args) -> int:
     cfg = config_from_args(args)
     if args.json:
         report.ensure_writable(args.json)
-    summary = reference.train(cfg, log=None if args.quiet else print)
+    from dni_async.measure import live
+    with live.epoch_bar(f"reference {cfg.mode}", cfg.epochs, enabled=not args.quiet) as bar:
+        summary = reference.train(cfg, log=None if args.quiet else bar.say,
+                                  on_epoch=bar.advance)
     f = summary["final"]
     print(f"reference {cfg.mode}: train bit acc {f['train_bit_acc']:.4f} "
           f"exact {f['train_exact_acc']:.4f} | test bit acc {f['test_bit_acc']:.4f} "
@@ -120,9 +123,25 @@ def _cmd_train(args) -> int:
         if given or args.set:
             raise ConfigError("--resume continues a run with its own settings; drop "
                               + ", ".join("--" + n.replace("_", "-") for n in given or ["set"]))
-        return launch.resume(args.resume, json_path=args.json, quiet=args.quiet)
+        return launch.resume(args.resume, json_path=args.json, quiet=args.quiet, live=args.live)
     cfg = config_from_args(args, default_mode="cdni")   # the pipeline's point: decoupling
-    return launch.train(cfg, run_dir=args.run_dir, json_path=args.json, quiet=args.quiet)
+    return launch.train(cfg, run_dir=args.run_dir, json_path=args.json, quiet=args.quiet,
+                        trace=args.trace, live=args.live, timeline=args.trace)
+
+
+def _cmd_watch(args) -> int:
+    from dni_async.measure import watch
+    return watch.main(args.run_dir, plain=args.plain)
+
+
+def _cmd_plot(args) -> int:
+    from dni_async.measure import plots
+    paths = plots.plot_runs(args.run_dirs, out=args.out)
+    if paths is None:
+        return 1
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
 
 
 def _cmd_stage(args) -> int:
@@ -178,7 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_flags(t)
     t.add_argument("--json", metavar="PATH", help="also write the run summary here")
     t.add_argument("--quiet", action="store_true", help="no progress lines and no summary")
+    t.add_argument("--live", action="store_true",
+                   help="a full-screen view of every stage computing, waiting and sending "
+                        "(plain lines without a terminal); Ctrl-C stops the run as usual")
+    t.add_argument("--trace", action="store_true",
+                   help="record every span; write trace.json (Perfetto) and gantt.png "
+                        "into the run folder")
     t.set_defaults(func=_cmd_train)
+
+    w = sub.add_parser("watch", help="attach the live view to a run that is going (Ctrl-C "
+                                     "detaches; the run goes on)")
+    w.add_argument("run_dir", help="the run's folder (its config.json names the stream)")
+    w.add_argument("--plain", action="store_true", help="plain lines even in a terminal")
+    w.set_defaults(func=_cmd_watch)
+
+    pt = sub.add_parser("plot", help="pictures of finished runs: learning curves, busy shares, "
+                                     "target lag; several runs overlaid")
+    pt.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pt.add_argument("--out", metavar="PNG", help="where to write the picture (default: "
+                                                 "RUN_DIR/plot.png, or beside several runs)")
+    pt.set_defaults(func=_cmd_plot)
 
     pl = sub.add_parser("plan", help="write a run's config.json (endpoints included) for "
                                      "starting each process by hand, here or on other hosts")

@@ -103,6 +103,8 @@ class Config:
     base_port: int = 0
     fidelity_every: int = 0             # reference dni/cdni: every N batches compare synthetic
                                         # and true dL/dh per stage (costs a backward pass); 0: off
+    slow_stage: str = ""                # teaching: "K:Dms" adds D ms of busy compute to stage
+                                        # K's forward pass, so waiting shows on any machine
     # resolved from the data at launch
     input_dim: int = 0
     output_dim: int = 0
@@ -282,6 +284,20 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def parse_slow_stage(text: str):
+    """ "1:5ms" -> (1, 0.005); "" -> None; anything else a ConfigError."""
+    if not text:
+        return None
+    import re
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+(?:\.\d*)?)\s*(ms|s|us)?\s*", text)
+    if not m:
+        raise ConfigError(f"slow_stage: want STAGE:DELAY such as 1:5ms, got {text!r}")
+    delay = float(m.group(2)) * {"ms": 1e-3, "s": 1.0, "us": 1e-6, None: 1e-3}[m.group(3)]
+    if not 0 < delay <= 10:
+        raise ConfigError(f"slow_stage: the delay must be in (0, 10] s, got {text!r}")
+    return int(m.group(1)), delay
+
+
 def validate(cfg: Config) -> None:
     from dni_async import nn
 
@@ -370,6 +386,9 @@ def validate(cfg: Config) -> None:
         outside = [h for h in hosts if h and not _is_loopback(h)]
         need(not outside, f"tcp on {', '.join(outside)} reaches beyond this machine: make keys "
              "with `dni-async keys` and set curve_keys, or set allow_insecure = true")
+    slow = parse_slow_stage(cfg.slow_stage)
+    need(slow is None or slow[0] < cfg.n_stages,
+         f"slow_stage: stage {slow and slow[0]} does not exist ({cfg.n_stages} stages)")
     pieces = modes.MODES[cfg.mode].pieces(cfg)
     need(cfg.batch_size % pieces == 0,
          f"{cfg.mode}: batch_size {cfg.batch_size} must divide into {pieces} micro-batches")

@@ -94,4 +94,4 @@ def test_span_files_are_small_json(traced_run):
     assert files == ["trace-coordinator.json", "trace-stage-0.json", "trace-stage-1.json",
                      "trace-stage-2.json"]
     d = json.loads((run_dir / "trace-stage-0.json").read_text())
-    assert set(d) == {"name", "pid", "spans"} and all(len(s) == 4 for s in d["spans"])
+    assert set(d) == {"name", "pid", "spans"} and all(len(s) == 5 for s in d["spans"])   # + CPU us

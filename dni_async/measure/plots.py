@@ -184,3 +184,204 @@ def sweep(sw: dict, out_path: str) -> str:
     fig.tight_layout()
     save(fig, out_path)
     return out_path
+
+
+# -- one run's timeline (`train --trace`) and pictures of finished runs (`plot`) ---------------
+
+PREEMPTED_CPU_SHARE = 0.5   # a span whose thread ran less than half its wall time was preempted
+GAP_COLOR = "#ffffff"
+
+
+def run_gantt(trace_path: str, out_path: str, window_ms: float | None = None,
+              batches: int = 8) -> str | None:
+    """One run's timeline: a row per process over a steady-state window of about `batches`
+    batches; each span in its category's colour with its batch number on it where it fits;
+    work whose thread got less than half its wall time on a core hatched as preempted; time
+    inside no span left white (a gap). Returns the path, or None without matplotlib."""
+    from dni_async.measure import trace as trace_mod
+    plt = pyplot("train")
+    if plt is None:
+        return None
+    from matplotlib.patches import Patch
+    with open(trace_path) as fh:
+        tr = json.load(fh)
+    tracks = sorted(trace_mod.tracks(tr, cpu=True).values(),
+                    key=lambda t: _track_order(t["name"] or ""))
+    tracks = [t for t in tracks if t["spans"]]
+    if not tracks:
+        return None
+    if window_ms is None:
+        stage0 = next((t for t in tracks if (t["name"] or "").endswith("stage-0")), tracks[0])
+        fwd = sorted(s[1] for s in stage0["spans"] if s[0] == "forward")
+        if len(fwd) >= 2:
+            window_ms = batches * (fwd[-1] - fwd[0]) / (len(fwd) - 1) / 1000
+    t0, t1 = _window(tracks, window_ms)
+    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.6 * len(tracks)))
+    preempted = False
+    for row, t in enumerate(tracks):
+        for cat in ("wait", *(c for c in COLORS if c != "wait")):   # grey underneath
+            for c, ts, dur, step, cpu in t["spans"]:
+                if c != cat or ts >= t1 or ts + dur <= t0:
+                    continue
+                a, b = (max(ts, t0) - t0) / 1000, (min(ts + dur, t1) - t0) / 1000
+                pre = (cat != "wait" and cpu is not None and dur > 20
+                       and cpu < PREEMPTED_CPU_SHARE * dur)
+                preempted |= pre
+                ax.broken_barh([(a, b - a)], (row - 0.4, 0.8), facecolors=COLORS[cat],
+                               edgecolor="black" if pre else "none", linewidth=0.4,
+                               hatch="////" if pre else None, alpha=0.45 if pre else 1.0)
+                width_ms = (t1 - t0) / 1000
+                if cat not in ("wait", "send") and step >= 0 and (b - a) > width_ms / 90:
+                    ax.text((a + b) / 2, row, str(step), ha="center", va="center",
+                            fontsize=6.5, color="white" if cat != "update" else "black",
+                            clip_on=True)
+    ax.set_yticks(range(len(tracks)))
+    ax.set_yticklabels([t["name"] for t in tracks])
+    ax.invert_yaxis()
+    ax.set_xlim(0, (t1 - t0) / 1000)
+    ax.set_xlabel("ms")
+    ax.set_title(f"{(t1 - t0) / 1000:.1f} ms of the steady state; numbers on spans: the batch "
+                 "(step) each one worked on", loc="left", fontsize=10)
+    handles = [Patch(facecolor=c, edgecolor="0.6" if k == "wait" else c, label=k)
+               for k, c in COLORS.items()]
+    handles.append(Patch(facecolor="0.85", edgecolor="black", hatch="////", alpha=0.6,
+                         label="preempted (CPU < half of wall)"))
+    handles.append(Patch(facecolor=GAP_COLOR, edgecolor="0.6", label="gap (in no span)"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.22 - 0.05 / max(1, len(tracks) / 4)),
+              ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout()
+    save(fig, out_path)
+    return out_path
+
+
+def _read_summary(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        return json.load(fh)
+
+
+def _label(run_dir: str, s: dict, all_summaries: list) -> str:
+    """The mode, and what sets this run apart from the others (or its folder's name)."""
+    cfg = s.get("config", {})
+    label = cfg.get("mode", "?")
+    same = [o for o in all_summaries if o.get("config", {}).get("mode") == cfg.get("mode")]
+    if cfg.get("slow_stage"):
+        label += f" slow {cfg['slow_stage']}"
+    if len(same) > 1:
+        label += f" ({os.path.basename(os.path.normpath(run_dir))})"
+    return label
+
+
+def curve_points(s: dict, metric: str) -> list:
+    """(epoch, seconds, value) of a run's held-out or training metric: its "curve" (held-out
+    points {batches, epoch, seconds, test_*}) when it has one, else its history."""
+    if metric.startswith("test_") and s.get("curve"):
+        return [(p.get("epoch"), p.get("seconds"), p[metric]) for p in s["curve"]
+                if p.get(metric) is not None]
+    return [(h["epoch"] + 1, h["seconds"], h[metric]) for h in s.get("history", [])
+            if h.get(metric) is not None]
+
+
+def plot_runs(run_dirs: list, out: str | None = None) -> list | None:
+    """Learning curves (held-out and training metric against epoch and against seconds), busy
+    shares per stage and the target-lag histogram of finished runs, overlaid. Writes one PNG:
+    `out`, else RUN_DIR/plot.png for one run, else compare-<runs>.png beside the first."""
+    plt = pyplot("plot")
+    if plt is None:
+        return None
+    from dni_async.config import ConfigError
+    summaries = []
+    for d in run_dirs:
+        try:
+            summaries.append(_read_summary(d))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{d}: no finished run here (summary.json: {exc})") from None
+    labels = [_label(d, s, summaries) for d, s in zip(run_dirs, summaries)]
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#7f7f7f"]
+    colors = []
+    for i, s in enumerate(summaries):
+        mode = s.get("config", {}).get("mode")
+        c = MODE_COLORS.get(mode)
+        colors.append(c if c and c not in colors else palette[i % len(palette)])
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    (ax_ep, ax_s), (ax_busy, ax_lag) = axes
+    metric = "bit_acc"
+    for s, label, c in zip(summaries, labels, colors):
+        for kind, style in (("test", "-"), ("train", "--")):
+            pts = curve_points(s, f"{kind}_{metric}")
+            if not pts:
+                continue
+            ep, sec, val = zip(*pts)
+            name = f"{label}, {'held-out' if kind == 'test' else 'training (running)'}"
+            ax_ep.plot(ep, val, style, color=c, lw=1.3, label=name)
+            ax_s.plot(sec, val, style, color=c, lw=1.3, label=name)
+    ax_ep.set_xlabel("epoch")
+    ax_s.set_xlabel("training seconds (evaluation excluded)")
+    for ax in (ax_ep, ax_s):
+        ax.set_ylabel("bit accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax_ep.set_title("learning curves against epochs", loc="left", fontsize=10)
+    ax_s.set_title("... and against wall-clock training time", loc="left", fontsize=10)
+
+    # busy shares: a stacked bar per stage per run, in the Gantt colours
+    n_runs = len(summaries)
+    bar_w = 0.8 / n_runs
+    ticks, ticklabels = [], []
+    for i, (s, label) in enumerate(zip(summaries, labels)):
+        for st in s.get("stages", []):
+            x = st["rank"] + (i - (n_runs - 1) / 2) * bar_w
+            bottom = 0.0
+            for cat, col in COLORS.items():
+                share = st.get("times", {}).get(cat, 0.0) / st["wall"] if st.get("wall") else 0.0
+                if share > 0:
+                    ax_busy.bar(x, share, bar_w * 0.95, bottom=bottom, color=col,
+                                edgecolor="white", linewidth=0.3)
+                    bottom += share
+            ticks.append(x)
+            ticklabels.append(f"stage {st['rank']}" + (f"\n{s['config']['mode']}"
+                                                       if n_runs > 1 else ""))
+    ax_busy.set_xticks(ticks)
+    ax_busy.set_xticklabels(ticklabels, fontsize=7 if n_runs > 1 else 9)
+    ax_busy.set_ylim(0, 1.22)
+    ax_busy.set_ylabel("share of the stage's wall time")
+    ax_busy.set_title("where each stage's time went (white above: in no span)", loc="left",
+                      fontsize=10)
+    from matplotlib.patches import Patch
+    ax_busy.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()], fontsize=7,
+                   ncol=len(COLORS), loc="upper center", columnspacing=0.8, handlelength=1.2)
+
+    # target lag: own updates before a generator target arrives, per stage and run
+    drew = False
+    styles = ["-", "--", ":", "-."]
+    for s, label, c in zip(summaries, labels, colors):
+        for st in s.get("stages", []):
+            h = st.get("lag_histogram") or {}
+            if not h:
+                continue
+            lags = sorted(int(k) for k in h)
+            total = sum(h.values())
+            ax_lag.step(lags, [h[str(k)] / total for k in lags], where="mid", color=c,
+                        ls=styles[st["rank"] % len(styles)], label=f"{label}, stage {st['rank']}")
+            drew = True
+    if drew:
+        ax_lag.legend(fontsize=7)
+        ax_lag.set_xlabel("target lag (own updates before the generator's target arrived)")
+        ax_lag.set_ylabel("share of targets")
+    else:
+        ax_lag.text(0.5, 0.5, "no generator targets in these runs\n(lockstep modes have none)",
+                    ha="center", va="center", transform=ax_lag.transAxes, color="0.4")
+        ax_lag.set_xticks([])
+        ax_lag.set_yticks([])
+    ax_lag.set_title("target lag histogram", loc="left", fontsize=10)
+    ax_lag.grid(alpha=0.3)
+    fig.suptitle("  vs  ".join(labels), fontsize=11)
+    fig.tight_layout()
+    if out is None:
+        if len(run_dirs) == 1:
+            out = os.path.join(run_dirs[0], "plot.png")
+        else:
+            names = "-".join(os.path.basename(os.path.normpath(d)) for d in run_dirs)[:120]
+            out = os.path.join(os.path.dirname(os.path.abspath(run_dirs[0])),
+                               f"compare-{names}.png")
+    save(fig, out)
+    return [out]

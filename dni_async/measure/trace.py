@@ -1,6 +1,6 @@
 """Timelines: each process writes its spans at exit; `merge` turns a run's into one Chrome trace.
 
-    spans of one process   run_dir/trace-<name>.json   {"name", "pid", "spans": [[cat, ts, dur, step]]}
+    spans of one process   run_dir/trace-<name>.json   {"name", "pid", "spans": [[cat, ts, dur, step, cpu]]}
     merged                 {"traceEvents": [...]}       opens in Perfetto and chrome://tracing
 
 Span start times are microseconds since the Unix epoch (see `timing.Clock`), so processes on one
@@ -19,9 +19,12 @@ PREFIX = "trace-"
 
 
 def write_spans(run_dir: str, name: str, pid: int, spans) -> str:
-    """Save one process's spans, (category, start_us, duration_us, step) tuples, as small JSON."""
+    """Save one process's spans, (category, start_us, duration_us, step[, cpu_us]) tuples, as
+    small JSON; cpu_us is the thread's CPU time inside the span (well below the duration: the
+    process was preempted)."""
     path = os.path.join(run_dir, f"{PREFIX}{name}.json")
-    rows = [[c, round(ts, 3), round(dur, 3), int(step)] for c, ts, dur, step in spans]
+    rows = [[c, round(ts, 3), round(dur, 3), int(step), *(round(x, 1) for x in cpu[:1])]
+            for c, ts, dur, step, *cpu in spans]
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump({"name": name, "pid": int(pid), "spans": rows}, fh, separators=(",", ":"))
@@ -67,9 +70,10 @@ def events(run_dirs, labels=None) -> dict:
                     "args": {"sort_index": sort_index}})
         evs.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
                     "args": {"name": name}})
-        for cat, ts, dur, step in sorted(proc["spans"], key=lambda s: s[1]):
+        for cat, ts, dur, step, *cpu in sorted(proc["spans"], key=lambda s: s[1]):
+            args = {"step": step, **({"cpu_us": cpu[0]} if cpu else {})}
             evs.append({"ph": "X", "name": cat, "cat": cat, "ts": round(ts - origin, 3),
-                        "dur": dur, "pid": pid, "tid": tid, "args": {"step": step}})
+                        "dur": dur, "pid": pid, "tid": tid, "args": args})
     return {"traceEvents": evs, "displayTimeUnit": "ms",
             "otherData": {"origin_us_since_epoch": origin,
                           "runs": [os.path.abspath(r) for r in run_dirs],
@@ -86,8 +90,9 @@ def merge(run_dir, out_path: str, labels=None) -> dict:
     return trace
 
 
-def tracks(trace: dict) -> dict:
-    """(pid, tid) -> {"name": track name, "spans": [(cat, ts, dur, step)]}, for plots and tests."""
+def tracks(trace: dict, cpu: bool = False) -> dict:
+    """(pid, tid) -> {"name": track name, "spans": [(cat, ts, dur, step)]}, for plots and tests;
+    with `cpu`, each span also has its CPU microseconds (None where not recorded)."""
     out: dict = {}
     for e in trace["traceEvents"]:
         key = (e["pid"], e["tid"])
@@ -95,5 +100,6 @@ def tracks(trace: dict) -> dict:
         if e["ph"] == "M" and e["name"] == "process_name":
             t["name"] = e["args"]["name"]
         elif e["ph"] == "X":
-            t["spans"].append((e["name"], e["ts"], e["dur"], e["args"].get("step", -1)))
+            span = (e["name"], e["ts"], e["dur"], e["args"].get("step", -1))
+            t["spans"].append(span + (e["args"].get("cpu_us"),) if cpu else span)
     return out

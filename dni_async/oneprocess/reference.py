@@ -142,8 +142,9 @@ def evaluate(models, cfg: Config, x, y, chunk: int | None = None) -> dict:
     return sums
 
 
-def train(cfg: Config, log=print) -> dict:
-    """Train in one process; returns the run summary (the same keys `train` writes)."""
+def train(cfg: Config, log=print, on_epoch=None) -> dict:
+    """Train in one process; returns the run summary (the same keys `train` writes).
+    `progress(epochs_done)`, when given, is called after every epoch (a progress bar)."""
     wall0 = time.perf_counter()
     ds, rng = network.load_data_and_rng(cfg)
     network.resolve_dims(cfg, ds)
@@ -197,6 +198,8 @@ def train(cfg: Config, log=print) -> dict:
             log(f"epoch {epoch + 1}: {report.DIVERGED}")
         if log and ((epoch + 1) % every == 0 or epoch == cfg.epochs - 1 or progress.stopped):
             log(report.format_row(row, cfg.epochs))
+        if on_epoch:
+            on_epoch(epoch + 1)
         if progress.stopped:
             break
     final = {**metrics.summarize(evaluate(models, cfg, ds.x_train, ds.y_train), "train"),

@@ -13,6 +13,7 @@ import time
 import zmq
 
 from dni_async.runtime import wire
+from dni_async.runtime.monitor import absorb
 
 
 class StageLost(RuntimeError):
@@ -33,6 +34,8 @@ class ControlPlane:
         self.stats: dict[int, dict] = {}     # each stage's final report
         self.acks: dict[int, dict] = {}      # checkpoint confirmations
         self.seen: dict[int, dict] = {}      # each stage's last heartbeat: steps in and out
+        self.live: dict[int, dict] = {}      # from heartbeats, for the monitor: per-category
+                                             # time deltas not yet published, counts, glimpses
         self.bad_messages = 0
         self.next_beat = float("inf")        # no heartbeats before the start
 
@@ -79,6 +82,7 @@ class ControlPlane:
         elif msg.kind == "heartbeat":
             self.seen[rank] = {k: v for k, v in msg.meta.items()
                                if isinstance(v, list) and all(type(s) is int for s in v)}
+            absorb(self.live, rank, msg.meta)
         else:
             self.bad_messages += 1
 

@@ -30,6 +30,7 @@ from dni_async.runtime import summary, wire
 from dni_async.runtime.control import ControlPlane, StageLost, trail
 from dni_async.runtime.credits import OpenSteps
 from dni_async.runtime.evaluation import Evaluations, Interrupted
+from dni_async.runtime.monitor import Monitor
 from dni_async.runtime.run_state import RunState, take_checkpoint
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec, release_ipc
 from dni_async.runtime.security import Curve
@@ -76,15 +77,20 @@ class Coordinator:
         self.results.bind(ep["results"])
         self.feed.connect(ep["fwd_in"][0])
         self.sockets = [self.control.socket, self.results, self.feed]
+        # the monitor stream (runtime/monitor.py); a plan written before it existed has none
+        self.monitor = Monitor(self.ctx, ep["monitor"], self.curve) if ep.get("monitor") else None
         self.poller = zmq.Poller()
         self.poller.register(self.control.socket, zmq.POLLIN)
         self.poller.register(self.results, zmq.POLLIN)
 
     def close(self) -> None:
+        if self.monitor:
+            self.monitor.close_slowly()
         if self.curve:
             self.curve.stop()
         wire.close_all(self.ctx, self.sockets)
-        release_ipc([self.spec.endpoints["control"], self.spec.endpoints["results"]])
+        release_ipc([self.spec.endpoints["control"], self.spec.endpoints["results"],
+                     self.spec.endpoints.get("monitor")])
 
     # -- messages -------------------------------------------------------------------------
 
@@ -132,6 +138,8 @@ class Coordinator:
             ready = dict(self.poller.poll(int(timeout_s * 1000)))
         self._handle(ready)
         self.control.beat_and_check(self.credits.completed_batches - 1)
+        if self.monitor:
+            self.monitor.maybe_publish(self)
         late = self.credits.overdue()
         if late:
             step, age, limit = late
@@ -251,6 +259,7 @@ class Coordinator:
             self._stop_stages()
             return None
         self._stop_stages()
+        self.publish("done")
         return summary.build(self, final, time.perf_counter() - wall0)
 
     def _log_row(self, log, row: dict, every: int) -> None:
@@ -270,6 +279,11 @@ class Coordinator:
                                                self.spec.run_dir, self.cfg)
         self.checkpoints.append(time.perf_counter() - t0)
         return self.last_checkpoint
+
+    def publish(self, state: str) -> None:
+        """A snapshot on the monitor stream now (the final one: done, interrupted, failed)."""
+        if self.monitor:
+            self.monitor.publish(self, state)
 
     def step(self) -> int:
         return self.state.step(self.cfg.batches_per_epoch())
@@ -309,6 +323,7 @@ def main(spec_path: str) -> int:
     try:
         result = coord.run()
         if result is None:
+            coord.publish("interrupted")
             report.write_json(os.path.join(spec.run_dir, "stopped.json"),
                               {"last_completed_step": last_step(),
                                "checkpoint": coord.last_checkpoint})
@@ -318,6 +333,7 @@ def main(spec_path: str) -> int:
         summary.write(spec, result, coord.clock)
         return 0
     except StageLost as exc:
+        coord.publish("failed")
         if coord.interrupted:   # told to stop (a stage failed, or Ctrl-C): this is the aftermath
             print(f"dni-async: coordinator: could not stop in order: {exc}", file=sys.stderr)
         else:
@@ -330,6 +346,7 @@ def main(spec_path: str) -> int:
         coord.control.try_stop_all()
         return EXIT_STAGE_LOST
     except KeyboardInterrupt:
+        coord.publish("interrupted")
         report.write_json(os.path.join(spec.run_dir, "stopped.json"),
                           {"last_completed_step": last_step()})
         coord.control.try_stop_all()

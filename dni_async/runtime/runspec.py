@@ -54,6 +54,7 @@ def plan_endpoints(cfg: Config, ipc_dir: str | None) -> dict:
         return {
             "control": f"tcp://{c}:{p}",
             "results": f"tcp://{c}:{p + 1}",
+            "monitor": f"tcp://{c}:{p + 2}",
             "fwd_in": [f"tcp://{h}:{p + 10 + 2 * k}" for k, h in enumerate(cfg.stage_hosts)],
             "grad_in": [f"tcp://{h}:{p + 11 + 2 * k}" if k < n - 1 else None
                         for k, h in enumerate(cfg.stage_hosts)],
@@ -62,20 +63,21 @@ def plan_endpoints(cfg: Config, ipc_dir: str | None) -> dict:
         def ep(name):
             return wire.ipc_endpoint(ipc_dir, name)
     else:
-        ports = iter(wire.free_tcp_ports(2 * n + 1, cfg.host))
+        ports = iter(wire.free_tcp_ports(2 * n + 2, cfg.host))
 
         def ep(name):
             return f"tcp://{cfg.host}:{next(ports)}"
     return {
         "control": ep("control"),
         "results": ep("results"),
+        "monitor": ep("monitor"),
         "fwd_in": [ep(f"fwd{k}") for k in range(n)],
         "grad_in": [ep(f"grad{k}") if k < n - 1 else None for k in range(n)],
     }
 
 
 def ipc_files(endpoints: dict) -> list:
-    eps = [endpoints.get("control"), endpoints.get("results"),
+    eps = [endpoints.get("control"), endpoints.get("results"), endpoints.get("monitor"),
            *endpoints.get("fwd_in", []), *endpoints.get("grad_in", [])]
     return [p for p in (wire.endpoint_path(e) for e in eps if e) if p]
 
@@ -111,8 +113,8 @@ def check_ports_free(endpoints: dict) -> None:
     """Fail before any process starts if a tcp port this machine should bind is taken, or if
     two of the run's sockets would bind one address."""
     import socket as pysocket
-    eps = [ep for ep in [endpoints["control"], endpoints["results"], *endpoints["fwd_in"],
-                         *endpoints["grad_in"]] if ep]
+    eps = [ep for ep in [endpoints["control"], endpoints["results"], endpoints.get("monitor"),
+                         *endpoints["fwd_in"], *endpoints["grad_in"]] if ep]
     twice = sorted({ep for ep in eps if eps.count(ep) > 1})
     if twice:
         raise ConfigError(f"two sockets would bind the same address: {', '.join(twice)}")

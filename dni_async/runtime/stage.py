@@ -15,17 +15,19 @@ import signal
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 
 import numpy as np
 import zmq
 
-from dni_async.config import ConfigError
+from dni_async.config import ConfigError, parse_slow_stage
 from dni_async.measure.clock import Clock
 from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
 from dni_async.runtime import checkpoint
 from dni_async.runtime.faults import Fault
+from dni_async.runtime.monitor import beat_extras
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
 from dni_async.runtime.stage_links import RECENT, PeerLost, StageLinks
 
@@ -59,8 +61,23 @@ class Stage:
         rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
         max_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize
         self.links = StageLinks(spec, rank, max_bytes, self.clock)
+        slow = parse_slow_stage(cfg.slow_stage)
+        self.delay_s = slow[1] if slow and slow[0] == rank else 0.0   # teaching: a slow stage
+        self.lags: dict[int, int] = {}     # target lag -> how many targets arrived that late
         self.program = StageProgram(self.model, mode_of(cfg), cfg, rank,
-                                    send=self.links.send_data, span=self.clock.span)
+                                    send=self.links.send_data,
+                                    span=self._slow_span if self.delay_s else self.clock.span)
+
+    @contextmanager
+    def _slow_span(self, name: str, step: int = -1):
+        """The clock's span; a forward span also computes for `delay_s` more (busy, not asleep:
+        the delay is work, as a bigger layer's would be)."""
+        with self.clock.span(name, step):
+            yield
+            if name == "forward":
+                end = time.perf_counter() + self.delay_s
+                while time.perf_counter() < end:
+                    pass
 
     @property
     def bad_messages(self) -> int:
@@ -110,7 +127,9 @@ class Stage:
         if now >= self.next_beat:
             links.send(links.control, "heartbeat",
                        meta={"batches": self.batches,
-                             **{k: list(v) for k, v in (*self.seen.items(), *links.sent.items())}})
+                             **{k: list(v) for k, v in (*self.seen.items(), *links.sent.items())},
+                             **beat_extras(self.clock, len(self.program.held),
+                                           len(self.model.pending), self.model.counters)})
             self.next_beat = now + self.cfg.heartbeat_s
         if links.control in ready:
             self._on_control()
@@ -166,6 +185,7 @@ class Stage:
             "wall": self.clock.elapsed(), "busy": self.clock.busy(),
             "bad_messages": self.bad_messages, "counters": self.model.counters,
             "generator_sq_error": self.model.generator_sq_error,
+            "lag_histogram": {str(k): v for k, v in sorted(self.lags.items())},
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         }
         if self.spec.trace:
@@ -223,10 +243,15 @@ class Stage:
         if not self.program.admits_gradient(msg.step, g.shape[0]):
             self._count_bad()
             return
+        c = self.model.counters
+        applied, lag_sum = c["targets_applied"], c["target_lag_sum"]
         try:
             self.program.on_gradient(msg.step, g, msg.meta)
         except ValueError:      # a gradient of another shape than the step it names
             self._count_bad()
+        if c["targets_applied"] == applied + 1:     # a generator target: how late it came
+            lag = c["target_lag_sum"] - lag_sum
+            self.lags[lag] = self.lags.get(lag, 0) + 1
 
 
 INTERRUPT_GRACE_S = 1.5

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from dni_async.nn import network
@@ -93,12 +94,14 @@ class Supervisor:
         self.spec = spec
         self.quiet = quiet
         self.procs: dict[str, subprocess.Popen] = {}
+        self.say = None     # when set, the coordinator's lines come through it (a live view)
+        self.relay = None
 
     def start(self) -> None:
         path = os.path.join(self.spec.run_dir, "config.json")
         env = child_env(1)
         py = [sys.executable, "-m", "dni_async"]
-        out = subprocess.DEVNULL if self.quiet else None
+        out = subprocess.DEVNULL if self.quiet else (subprocess.PIPE if self.say else None)
         # Children get sessions of their own, so a terminal's Ctrl-C reaches only `train`, which
         # asks the coordinator for an orderly stop instead of every process stopping at once.
         for k in range(self.spec.config.n_stages):
@@ -108,10 +111,18 @@ class Supervisor:
         self.procs = {"coordinator": None, **self.procs}
         self.procs["coordinator"] = subprocess.Popen(
             [*py, "coordinator", path], env=env, stdout=out, preexec_fn=_die_with_parent,
-            start_new_session=True)
+            start_new_session=True, text=out is subprocess.PIPE or None)
+        if out is subprocess.PIPE:
+            self.relay = threading.Thread(target=self._relay, daemon=True,
+                                          args=(self.procs["coordinator"].stdout,))
+            self.relay.start()
 
-    def watch(self) -> tuple[int, str | None]:
-        """Wait for the coordinator; if any process fails first, return (status, who)."""
+    def _relay(self, stream) -> None:
+        for line in stream:
+            self.say(line.rstrip("\n"))
+    def watch(self, tick=time.sleep) -> tuple[int, str | None]:
+        """Wait for the coordinator; if any process fails first, return (status, who).
+        `tick(seconds)` waits between looks (a live view draws meanwhile)."""
         coord = self.procs["coordinator"]
         while True:
             rc = coord.poll()
@@ -124,7 +135,7 @@ class Supervisor:
                 if name != "coordinator" and p.poll() not in (None, 0):
                     time.sleep(0.2)   # let the coordinator write its own account first
                     return p.returncode, name
-            time.sleep(0.05)
+            tick(0.05)
 
     def _await_stages(self) -> tuple[int, str | None]:
         deadline = time.monotonic() + 5.0
@@ -166,7 +177,8 @@ class Supervisor:
                 p.wait()
 
 
-def resume(run_dir: str, json_path: str | None = None, quiet: bool = False) -> int:
+def resume(run_dir: str, json_path: str | None = None, quiet: bool = False,
+           live: bool = False) -> int:
     """Continue a run from its newest good checkpoint, with fresh endpoints."""
     from dni_async.runtime import checkpoint
     from dni_async.runtime.runspec import RunSpec
@@ -178,11 +190,15 @@ def resume(run_dir: str, json_path: str | None = None, quiet: bool = False) -> i
     if not quiet:
         print(f"dni-async train: resuming {run_dir} from {ckpt}", flush=True)
     return train(old.config, run_dir=run_dir, json_path=json_path, quiet=quiet,
-                 trace=old.trace, resume_from=ckpt)
+                 trace=old.trace, resume_from=ckpt, live=live)
 
 
 def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
-          quiet: bool = False, trace: bool = False, resume_from: str | None = None) -> int:
+          quiet: bool = False, trace: bool = False, resume_from: str | None = None,
+          live: bool = False, view=None, timeline: bool = False) -> int:
+    """Run a pipeline to its end. `live`: the full-screen view (plain lines without a terminal);
+    otherwise a progress bar when stdout is a terminal. `view`: a ready-made one (tests).
+    `timeline` (with `trace`): write trace.json and gantt.png into the run folder at the end."""
     if json_path:
         folder = os.path.dirname(os.path.abspath(json_path))
         try:
@@ -196,20 +212,31 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         print(f"dni-async train: {cfg.mode}, {cfg.n_stages} stage processes + coordinator, "
               f"{cfg.transport}, widths {cfg.widths}, run folder {spec.run_dir}", flush=True)
     sup = Supervisor(spec, quiet=quiet)
+    if view is None:
+        from dni_async.measure import live as live_mod
+        view = live_mod.make_view(spec, live, quiet)
+    if view is not None and view.captures_output:
+        sup.say = view.say
     # Installed explicitly: a shell that starts `train` in the background leaves SIGINT
     # ignored, yet SIGINT to `train` is its documented "stop in order".
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     status, who = EXIT_FAILED, None
     try:
         sup.start()
-        status, who = sup.watch()
+        status, who = sup.watch(view.tick if view else time.sleep)
+        if view is not None:
+            _last_words(view, sup)
     except KeyboardInterrupt:
         _hold_signals(previous)   # a second Ctrl-C must not cut the orderly stop short
         status, who = EXIT_INTERRUPTED, None
+        if view is not None:
+            view.close()
         print("dni-async: interrupted; checkpointing and stopping every process", file=sys.stderr)
         sup.interrupt_coordinator()
     finally:
         _hold_signals(previous)   # cleanup is bounded (GRACE_S, then SIGKILL): let it finish
+        if view is not None:
+            view.close()
         sup.stop_all()
         remove_ipc_files(spec.endpoints)
         if ipc_dir:
@@ -232,6 +259,8 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
             report.write_json(json_path, summary)
         if not quiet:
             print(summary_text(summary))
+        if trace and timeline:
+            write_timeline(spec.run_dir, quiet)
         return 0
     failure = _read(os.path.join(spec.run_dir, "failure.json")) or {}
     stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
@@ -248,6 +277,26 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         detail = failure.get("error") or f"{who} {_describe_exit(status)}"
     print(f"dni-async train: failed: {detail}", file=sys.stderr)
     return EXIT_FAILED if status < 0 else max(1, min(status, 125))
+
+
+def write_timeline(run_dir: str, quiet: bool = False) -> None:
+    """The run's Chrome trace (trace.json, for Perfetto) and its Gantt picture (gantt.png)."""
+    from dni_async.measure import plots, trace
+    path = os.path.join(run_dir, "trace.json")
+    trace.merge(run_dir, path)
+    png = plots.run_gantt(path, os.path.join(run_dir, "gantt.png"))
+    if not quiet:
+        print(f"trace: {path} (open it in https://ui.perfetto.dev)"
+              + (f"\ntimeline: {png}" if png else ""))
+
+
+def _last_words(view, sup, wait_s: float = 1.0) -> None:
+    """After the coordinator has gone: the final snapshot and its last lines, if on the way."""
+    deadline = time.monotonic() + wait_s
+    while not view.feed.final and time.monotonic() < deadline:
+        view.tick(0.05)
+    if sup.relay is not None:
+        sup.relay.join(wait_s)     # it reads to the end of the pipe
 
 
 def _describe_exit(status: int) -> str:
@@ -287,6 +336,8 @@ def summary_text(s: dict) -> str:
             lags.append(f"stage {st['rank']}: mean {c['target_lag_sum'] / c['targets_applied']:.2f} "
                         f"max {c['target_lag_max']}")
     lag = f"target lag (own updates before a generator target arrives): {'  '.join(lags)}\n" if lags else ""
+    slow = s["config"].get("slow_stage")
+    slow = f"slow_stage = {slow}: busy compute added to that stage's every forward pass\n" if slow else ""
     return (f"\n== {s['config']['mode']} across {len(s['stage_busy'])} stage processes ==\n"
             f"train: bit accuracy {f['train_bit_acc']:.4f}  exact {f['train_exact_acc']:.4f}  "
             f"loss {f['train_loss']:.5f}\n"
@@ -295,5 +346,6 @@ def summary_text(s: dict) -> str:
             f"of training ({s['wall_seconds']:.1f} s wall)\n"
             f"busy share: {busy}\n"
             f"{lag}"
+            f"{slow}"
             f"bad messages dropped: {bad}\n"
             f"run folder: {s.get('run_dir')}")
