@@ -320,9 +320,6 @@ def validate(cfg: Config) -> None:
     bad = [k for k in cfg.true_boundaries if not 0 <= k < cfg.n_stages - 1]
     need(not bad, f"true_boundaries: {bad} outside 0..{cfg.n_stages - 2} (boundary k joins "
                   f"stage k and k+1)")
-    need(not cfg.true_boundaries or modes.MODES[cfg.mode].decoupled,
-         "true_boundaries chooses true gradients in dni/cdni; in lockstep modes every "
-         "boundary carries them already")
     need(0 <= cfg.time_budget_s < float("inf"), "time_budget_s must be a number of seconds >= 0")
     from dni_async.progress import parse_target
     parse_target(cfg.stop_at, "stop_at")

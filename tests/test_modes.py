@@ -148,12 +148,14 @@ def test_a_true_boundary_makes_its_stage_wait_as_lockstep_does():
     assert progs[0].ready_for_batch() and progs[0].gradient_ops == (Op.TRAIN_GENERATOR,)
 
 
-def test_true_boundaries_are_for_decoupled_modes_and_real_boundaries():
+def test_true_boundaries_name_real_boundaries_and_change_nothing_in_lockstep():
     from dni_async.config import ConfigError
     with pytest.raises(ConfigError, match="outside"):
         make_config({**SMALL, "mode": "cdni", "true_boundaries": [2]}, preset="tiny")
-    with pytest.raises(ConfigError, match="lockstep"):
-        make_config({**SMALL, "mode": "backprop", "true_boundaries": [0]}, preset="tiny")
+    cfg = make_config({**SMALL, "mode": "backprop", "true_boundaries": [0]}, preset="tiny")
+    mode = mode_of(cfg)     # lockstep: every boundary carries the true gradient already
+    assert [mode.on_forward(k, N, [0]) for k in range(N)] == \
+        [mode.on_forward(k, N) for k in range(N)]
 
 
 def test_every_boundary_true_is_backprop_in_one_process():
