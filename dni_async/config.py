@@ -197,7 +197,10 @@ def _coerce(name: str, value, current):
             return bool(value)
         if isinstance(current, list):
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                text = value
+                value = [v.strip() for v in text.split(",")] if text.strip() else []
+                if any(v == "" for v in value):
+                    raise ConfigError(f"{name}: an empty item in {text!r}")
             value = list(value)
             if name in ("hidden", "true_boundaries"):
                 return [int(v) for v in value]
@@ -207,8 +210,13 @@ def _coerce(name: str, value, current):
                 raise ValueError(value)
             return int(value)
         if isinstance(current, float):
-            return float(value)
+            v = float(value)
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ConfigError(f"{name}: {value!r} is not a finite number")
+            return v
         return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot read {value!r} as {type(current).__name__}") from None
 
@@ -234,12 +242,29 @@ def apply_sets(values: dict, items) -> dict:
     return values
 
 
+TABLES = ("run", "bench")    # the tables a run config may have: [run] settings, [bench] its own
+
+
 def load_toml(path: str) -> dict:
     data = read_toml(path)
+    unknown = [k for k, v in data.items() if isinstance(v, dict) and k not in TABLES]
+    if unknown:
+        raise ConfigError(f"{path}: unknown table [{unknown[0]}] (settings go at the top level "
+                          f"or in [run]; [bench] is for dni-async bench)")
     # a [run] table is accepted as well as top-level keys
     flat = dict(data.get("run", {}))
     flat.update({k: v for k, v in data.items() if not isinstance(v, dict)})
+    names = {f.name for f in fields(Config)}
+    for key in flat:
+        if key not in names:
+            raise ConfigError(f"{path}: unknown setting {key!r}{_closest(key, names)}")
     return flat
+
+
+def _closest(name: str, names) -> str:
+    import difflib
+    near = difflib.get_close_matches(name, sorted(names), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 def make_config(overrides: dict | None = None, *, preset: str | None = None) -> Config:
@@ -265,7 +290,7 @@ def _checked(cfg: Config, values: dict) -> Config:
     names = {f.name for f in fields(Config)}
     for name, value in values.items():
         if name not in names:
-            raise ConfigError(f"unknown setting {name!r}")
+            raise ConfigError(f"unknown setting {name!r}{_closest(name, names)}")
         setattr(cfg, name, _coerce(name, value, getattr(cfg, name)))
     if cfg.layers:
         if cfg.layers < 2:
@@ -387,5 +412,8 @@ def validate(cfg: Config) -> None:
     need(slow is None or slow[0] < cfg.n_stages,
          f"slow_stage: stage {slow and slow[0]} does not exist ({cfg.n_stages} stages)")
     pieces = modes.MODES[cfg.mode].pieces(cfg)
+    fits = [m for m in range(2, min(cfg.batch_size, 16) + 1) if cfg.batch_size % m == 0]
     need(cfg.batch_size % pieces == 0,
-         f"{cfg.mode}: batch_size {cfg.batch_size} must divide into {pieces} micro-batches")
+         f"{cfg.mode}: batch_size {cfg.batch_size} must divide into {pieces} micro-batches: "
+         + (f"set --micro-batches to one of {', '.join(map(str, fits))}, or " if fits else "")
+         + f"a --batch-size that {pieces} divides")

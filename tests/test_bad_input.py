@@ -30,6 +30,11 @@ def check_refused(r, needle, run_dir):
     (["--transport", "tcp", "--set", "stage_hosts=127.0.0.2"], "names 1 hosts for 3 stages"),
     (["--epohcs", "5"], "unrecognized arguments: --epohcs 5 (see dni-async train --help)"),
     (["--epochs", "five"], "invalid int value: 'five'"),
+    (["--lr", "inf"], "lr: inf is not a finite number"),
+    (["--set", "generator_lr=nan"], "generator_lr: 'nan' is not a finite number"),
+    (["--hidden", "128,,64"], "hidden: an empty item in '128,,64'"),
+    (["--set", "epocs=3"], "unknown setting 'epocs' (did you mean 'epochs'?)"),
+    (["--mode", "gpipe"], "set --micro-batches to one of 2, 5, 10, or a --batch-size that 4 divides"),
 ])
 def test_bad_settings(flags, needle, tmp_path):
     r = cli("train", "--run-dir", tmp_path / "run", *flags)
@@ -95,3 +100,35 @@ def test_bad_flags_of_other_commands(argv, prefix, needle):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith(prefix) and needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[settings]\nepochs = 3\n", "unknown table [settings]"),
+    ("epocs = 3\n", "unknown setting 'epocs' (did you mean 'epochs'?)"),
+])
+def test_a_config_file_with_an_unknown_table_or_key_is_refused(text, needle, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    r = cli("train", "--run-dir", tmp_path / "run", "--config", path)
+    check_refused(r, needle, tmp_path / "run")
+    assert str(path) in r.stderr
+
+
+def test_resuming_a_finished_run_says_so(tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", "--run-dir", run, "--preset", "tiny", "--epochs", "1",
+               "--quiet").returncode == 0
+    r = cli("train", "--resume", run)
+    assert r.returncode == 2 and "finished already" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "reference"])
+def test_a_run_whose_loss_is_not_a_number_stops_at_once_and_says_so(command, tmp_path):
+    # a linear network in float32 with an absurd learning rate: the weights overflow at once
+    where = ["--run-dir", tmp_path / "run"] if command == "train" else []
+    r = cli(command, *where, "--preset", "tiny", "--mode", "backprop", "--activation",
+            "identity", "--dtype", "float32", "--lr", "1e30", "--epochs", "20", timeout=120)
+    assert r.returncode == 4, r.stderr
+    assert "the loss is not a number" in r.stderr
+    if command == "train":
+        assert not procs_mentioning(str(tmp_path / "run"))

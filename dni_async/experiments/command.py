@@ -14,7 +14,7 @@ from dni_async.config import ArgumentParser, ConfigError, make_config
 from dni_async.experiments.fidelity import fidelity_markdown, plot_fidelity, train_with_fidelity
 from dni_async.experiments.runs import _write_json
 from dni_async.experiments.spec import EXIT_BAD_INPUT, ExperimentFailed, load_spec, plan
-from dni_async.experiments.sweep import run_sweep, sweep_markdown
+from dni_async.experiments.sweep import plot_lag, run_sweep, sweep_markdown
 from dni_async.experiments.table import (command_line, plot_table, results_markdown, run_table,
                                          table_cells, table_markdown)
 from dni_async.oneprocess import seed_post
@@ -100,6 +100,10 @@ def _main(args) -> int:
     elif spec["kind"] == "sweep":
         rows = run_sweep(spec, runs_dir, log=log)
         print(sweep_markdown(spec, rows))
+        if images:
+            path = plot_lag(spec, rows, f"{images}.png")
+            if path:
+                print(f"picture: {path}")
         dump = {"spec": _plain(spec), "rows": rows}
     else:
         results = []

@@ -20,6 +20,12 @@ def run_one(values: dict, runner: str, run_dir: str) -> dict:
         return summary
     from dni_async.runtime import supervisor as launch
     rc = launch.train(cfg, run_dir=run_dir, quiet=True)
+    if rc == 4:     # diverged: a result (marked), not a failure of the experiment
+        nan = float("nan")
+        return {"diverged": True, "samples_per_s": nan, "wall_seconds": nan, "stages": [],
+                "train_seconds": nan, "history": [],
+                "final": {k: nan for k in ("train_bit_acc", "train_exact_acc", "train_loss",
+                                           "test_bit_acc", "test_exact_acc", "test_loss")}}
     path = os.path.join(run_dir, "summary.json")
     if rc != 0 or not os.path.exists(path):
         raise ExperimentFailed(f"run in {run_dir} failed (exit status {rc})")

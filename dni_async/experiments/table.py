@@ -37,6 +37,7 @@ def run_table(spec: dict, runs_dir: str, log=print) -> dict:
         row = {**labels, "held_out": _held_out(s), "train_acc": s["final"]["train_bit_acc"],
                "wall_seconds": s["wall_seconds"], "train_seconds": s["train_seconds"],
                "outer_seconds": outer, "samples_per_s": s["samples_per_s"],
+               "diverged": bool(s.get("diverged")),
                "history": [(h["epoch"], h["seconds"], h["test_bit_acc"]) for h in s["history"]
                            if h["test_bit_acc"] is not None]}
         results.append(row)
@@ -73,7 +74,8 @@ def table_cells(spec: dict, res: dict) -> list:
                       and r["layers"] == layers and r["mode"] == mode]
                 row["modes"][mode] = {"acc": mean_sd([r["held_out"] for r in rs]),
                                       "wall": mean_sd([r["wall_seconds"] for r in rs]),
-                                      "n": len(rs)}
+                                      "n": len(rs),
+                                      "diverged": sum(r.get("diverged", False) for r in rs)}
             fz = [r["held_out"] for r in res["frozen"] if r["dataset"] == ds_name
                   and r["layers"] == layers]
             row["frozen"] = mean_sd(fz) if fz else None
@@ -100,8 +102,12 @@ def table_markdown(spec: dict, rows: list) -> str:
         cells = [r["dataset"], str(r["layers"])]
         best = max(r["modes"][m]["acc"][0] for m in modes)
         for m in modes:
-            text = _pm(r["modes"][m]["acc"])
-            cells.append(f"**{text}**" if r["modes"][m]["acc"][0] == best else text)
+            cell = r["modes"][m]
+            text = _pm(cell["acc"])
+            text = f"**{text}**" if cell["acc"][0] == best else text
+            if cell.get("diverged"):    # the mean is over the runs that did not
+                text += f" ({cell['diverged']} of {cell['n']} diverged)"
+            cells.append(text)
         if frozen:
             cells.append(_pm(r["frozen"]) if r["frozen"] else "-")
         cells += [f"{r['modes'][m]['wall'][0]:.1f}" for m in modes]

@@ -161,6 +161,7 @@ def train(cfg: Config, log=print, on_epoch=None) -> dict:
         progress.record(epoch, seconds, test)
         return test
 
+    diverged = None     # the step at which the loss stopped being a number
     if progress.starting():
         held_out(0, 0.0)
     for epoch in range(cfg.epochs):
@@ -173,6 +174,9 @@ def train(cfg: Config, log=print, on_epoch=None) -> dict:
             x, y = ds.x_train[i * bs:(i + 1) * bs], ds.y_train[i * bs:(i + 1) * bs]
             runner.step(epoch * bpe + i, x, y, sums, fidelity)
             done += 1
+            if not np.isfinite(sums["loss"]):     # nothing recovers from here: stop at once
+                diverged = epoch * bpe + i
+                break
             if progress.trained_one():
                 t1 = time.perf_counter()
                 held_out(epoch, train_seconds + t1 - t0 - eval_s)
@@ -200,7 +204,7 @@ def train(cfg: Config, log=print, on_epoch=None) -> dict:
             log(report.format_row(row, cfg.epochs))
         if on_epoch:
             on_epoch(epoch + 1)
-        if progress.stopped:
+        if progress.stopped or diverged is not None:
             break
     final = {**metrics.summarize(evaluate(models, cfg, ds.x_train, ds.y_train), "train"),
              **metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")}
@@ -213,6 +217,7 @@ def train(cfg: Config, log=print, on_epoch=None) -> dict:
         "curve": progress.curve,
         "batches": progress.batches,
         "stopped": progress.stopped,
+        "diverged": diverged,
         "final": final,
         "wall_seconds": time.perf_counter() - wall0,
         "train_seconds": train_seconds,

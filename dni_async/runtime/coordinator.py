@@ -13,6 +13,7 @@ every stage. The rooms: `control.py` (stages and their liveness), `credits.py` (
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -36,6 +37,11 @@ from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec, release_ipc
 from dni_async.runtime.security import Curve
 
 EXIT_STAGE_LOST = 3
+EXIT_DIVERGED = 4
+
+
+class Diverged(RuntimeError):
+    """The loss stopped being a number: training cannot recover, so the run ends at once."""
 EXIT_INTERRUPTED = 130
 
 
@@ -119,6 +125,8 @@ class Coordinator:
             if ok:
                 if msg.kind == "loss":
                     metrics.add(self.state.epoch_sums, msg.meta["sums"])
+                    if not math.isfinite(msg.meta["sums"]["loss"]):
+                        raise Diverged(f"step {msg.step}: {report.DIVERGED}")
                 self.credits.finish(msg.kind, msg.step)
         else:
             ok = False
@@ -332,6 +340,13 @@ def main(spec_path: str) -> int:
             return EXIT_INTERRUPTED
         summary.write(spec, result, coord.clock)
         return 0
+    except Diverged as exc:
+        coord.publish("failed")
+        print(f"dni-async: {exc}", file=sys.stderr)
+        report.write_json(os.path.join(spec.run_dir, "failure.json"),
+                          {"error": str(exc), "diverged": True, "last_completed_step": last_step()})
+        coord.control.try_stop_all()
+        return EXIT_DIVERGED
     except StageLost as exc:
         coord.publish("failed")
         if coord.interrupted:   # told to stop (a stage failed, or Ctrl-C): this is the aftermath

@@ -183,6 +183,9 @@ def resume(run_dir: str, json_path: str | None = None, quiet: bool = False,
     from dni_async.runtime import checkpoint
     from dni_async.runtime.runspec import RunSpec
     old = RunSpec.load(os.path.join(run_dir, "config.json"))
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        raise ConfigError(f"{run_dir} finished already (its summary.json is there): nothing to "
+                          "resume; start a new run, or train longer with a new run folder")
     try:
         ckpt = checkpoint.latest_good(run_dir, log=lambda m: print(m, file=sys.stderr))
     except checkpoint.CheckpointError as exc:
