@@ -32,6 +32,7 @@ from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
 from dni_async.runtime.stage_links import RECENT, PeerLost, StageLinks
 
 EXIT_PEER_LOST = 3
+GRADIENTS_PER_BATCH = 64    # at most this many gradients read before the next batch
 
 
 class Stage:
@@ -133,14 +134,19 @@ class Stage:
             self.next_beat = now + self.cfg.heartbeat_s
         if links.control in ready:
             self._on_control()
-        # gradients first: they free memory and unblock lockstep
-        for sock, handle in ((links.grad_in, self._on_grad), (links.fwd_in, self._on_fwd)):
-            if sock is links.fwd_in and not self.program.ready_for_batch():
-                continue        # a coupled stage waits for its gradient; batches stay queued
-            if sock is not None and sock in ready:
-                msg = links.recv(sock)
+        # every gradient that has arrived before the next batch: they unblock lockstep, and a
+        # generator that learns its targets as soon as they are here learns from fresher ones
+        if links.grad_in is not None and links.grad_in in ready:
+            for _ in range(GRADIENTS_PER_BATCH):
+                msg = links.recv(links.grad_in)
                 if msg is not None:
-                    handle(msg)
+                    self._on_grad(msg)
+                if not links.grad_in.poll(0):
+                    break
+        if links.fwd_in in ready and self.program.ready_for_batch():
+            msg = links.recv(links.fwd_in)     # (a coupled stage waiting for its gradient
+            if msg is not None:                # leaves further batches queued)
+                self._on_fwd(msg)
         if _interrupted_at and time.monotonic() - _interrupted_at > INTERRUPT_GRACE_S:
             raise KeyboardInterrupt   # nobody came to stop us gracefully
         if time.monotonic() - self.heard > self.cfg.peer_timeout_s:
