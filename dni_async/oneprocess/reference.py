@@ -39,6 +39,8 @@ class OneProcess:
         self.fwd = [deque() for _ in range(self.n)]
         self.grad = [deque() for _ in range(self.n)]
         self.delay = cfg.target_delay
+        self.every_stage_synthetic = all(self.mode.has_generator(k, self.n, cfg.true_boundaries)
+                                         for k in range(self.n - 1))
         self.late = deque()       # (step, [(stage, message), ...]) waiting out the delay
         self.sums = None
         self.sent = None          # when measuring fidelity: every message of the step
@@ -66,7 +68,7 @@ class OneProcess:
         it also carries the true dL/dh back from the loss through the forward-pass weights and
         appends, per stage, how close the synthetic gradient came; training is unchanged."""
         cfg, n = self.cfg, self.n
-        measure = (fidelity is not None and self.mode.decoupled and not cfg.true_boundaries
+        measure = (fidelity is not None and self.every_stage_synthetic
                    and cfg.fidelity_every > 0 and step % cfg.fidelity_every == 0)
         w_fwd = [_forward_weights(m) for m in self.models] if measure else None
         self.sums, self.sent = sums, ([] if measure else None)
@@ -154,7 +156,7 @@ def train(cfg: Config, log=print, on_epoch=None) -> dict:
     history, train_seconds = [], 0.0
     runner = OneProcess(models, cfg)
     progress = Progress(cfg)
-    fidelity = [] if cfg.fidelity_every and runner.mode.decoupled else None
+    fidelity = [] if cfg.fidelity_every and runner.every_stage_synthetic else None
 
     def held_out(epoch: int, seconds: float) -> dict:
         test = metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")
