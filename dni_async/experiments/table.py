@@ -166,7 +166,7 @@ def results_markdown(spec: dict, res: dict, command: str, images: dict) -> str:
             "processes.", "", table_markdown(spec, rows), ""]
     if any(r["frozen"] for r in rows):
         out += ["*hidden frozen*: the control in which no hidden layer ever learns and only the "
-                "last layer trains (a dni run whose generators stay at zero, run in the "
+                "last layer trains (`freeze_hidden`, backprop otherwise, run in the "
                 "reference trainer, which gives the pipeline's numbers exactly in this case). "
                 "A synthetic gradient helps only where its column beats this one.", ""]
     for kind, path in images.items():
