@@ -87,7 +87,11 @@ def _main(args) -> int:
         if args.render:
             res = _load_results(args.render)
         else:
-            res = run_table(spec, runs_dir, log=log)
+            from dni_async.measure import live
+            with live.epoch_bar(f"experiment {spec['name']}", len(runs),
+                                enabled=not args.quiet, unit="runs") as bar:
+                res = run_table(spec, runs_dir, log=bar.say if log else None,
+                                on_run=bar.advance)
         pics = plot_table(spec, res, images) if images else {}
         text = results_markdown({**spec, "output": out}, res, command, pics)
         if out:

@@ -24,7 +24,7 @@ def mean_sd(xs) -> tuple:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def run_table(spec: dict, runs_dir: str, log=print) -> dict:
+def run_table(spec: dict, runs_dir: str, log=print, on_run=None) -> dict:
     """Every run of a table; returns {"runs": [...], "cells": ...} with what the table shows."""
     todo = plan(spec)
     results = []
@@ -46,6 +46,8 @@ def run_table(spec: dict, runs_dir: str, log=print) -> dict:
                 f"{labels['mode']:<8} seed {labels['seed']}: held-out {row['held_out']:.4f}  "
                 f"train {row['train_acc']:.4f}  {row['wall_seconds']:.1f} s "
                 f"({outer:.1f} s with start-up)", flush=True)
+        if on_run:
+            on_run(i + 1)
     frozen = []
     if spec.get("frozen_control"):
         seen = set()

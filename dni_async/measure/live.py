@@ -320,7 +320,7 @@ class View:
     def __init__(self, feed: Feed):
         self.feed = feed
 
-    def say(self, line: str) -> None:
+    def say(self, line: str, **_) -> None:
         self.feed.log.append(line)
 
     def tick(self, timeout_s: float) -> None:
@@ -344,7 +344,7 @@ class LiveView(View):
         self.drawn = 0.0
         self.lines: list[str] = []
 
-    def say(self, line: str) -> None:
+    def say(self, line: str, **_) -> None:
         super().say(line)
         self.lines.append(line)
 
@@ -385,7 +385,7 @@ class ProgressView(View):
         self.task = self.progress.add_task("starting", total=None, extra="")
         self.progress.start()
 
-    def say(self, line: str) -> None:
+    def say(self, line: str, **_) -> None:
         self.progress.console.print(line, markup=False, highlight=False)
 
     def tick(self, timeout_s: float) -> None:
@@ -426,17 +426,17 @@ class PlainView(View):
 
 
 class epoch_bar:
-    """A progress bar over epochs for a one-process command, in a terminal; elsewhere its
+    """A progress bar over epochs (or runs) for a long command, in a terminal; elsewhere its
     `say` is print and `advance` does nothing. Lines said go above the bar."""
 
-    def __init__(self, description: str, total: int, enabled: bool = True):
+    def __init__(self, description: str, total: int, enabled: bool = True, unit: str = "epochs"):
         self.description, self.total = description, total
         self.progress = None
         if enabled and is_terminal():
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("epochs"),
+                                     MofNCompleteColumn(), TextColumn(unit),
                                      TimeElapsedColumn(), TextColumn("ETA"),
                                      TimeRemainingColumn(), transient=True)
 
@@ -451,7 +451,7 @@ class epoch_bar:
             self.progress.stop()
         return False
 
-    def say(self, line: str) -> None:
+    def say(self, line: str, **_) -> None:
         if self.progress is not None:
             self.progress.console.print(line, markup=False, highlight=False)
         else:

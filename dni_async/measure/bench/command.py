@@ -224,7 +224,14 @@ def _main(args, argv: list) -> int:
                 for m in modes if m in ("dni", "cdni")}
         for m, text in gens.items():
             log(f"  {m}: {text}")
-        res = bench.modes_table()
+        from dni_async.measure import live
+        with live.epoch_bar("bench", repeats * len(modes), enabled=not args.quiet,
+                            unit="runs") as bar:
+            if not args.quiet:
+                bench.log = bar.say
+            bench.on_run = bar.advance
+            res = bench.modes_table()
+        bench.log = log
         out.update(config=cfg0.to_dict(), layout=describe_layout(cfg0), repeats=repeats,
                    warmup_epochs=warmup,
                    target={"metric": res["metric"], "chance": res["chance"],

@@ -23,6 +23,7 @@ class Bench:
         self.root, self.log = run_root, log
         self.cores = os.cpu_count() or 1
         self.cfgs = {m: mode_config(values, m) for m in modes}
+        self.on_run = lambda done: None     # a progress bar's advance, in a terminal
 
     def _resolved(self, cfg: Config) -> Config:
         from dni_async.nn import network
@@ -61,6 +62,7 @@ class Bench:
                                    cfgs[m].batches_per_epoch() * cfgs[m].batch_size)
                 self.log(f"  [{i}/{n_runs}] {m:<8} repeat {r + 1}: {rate:>10,.0f} samples/s "
                          f"({time.perf_counter() - t0:.1f} s)")
+                self.on_run(i)
         results = {m: summarize_mode(cfgs[m], runs[m], self.warmup, self.cores, None, metric)
                    for m in self.modes}
         for m in self.modes:
