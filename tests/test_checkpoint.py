@@ -104,5 +104,6 @@ def test_unfinished_checkpoint_is_not_used(tmp_path):
 def test_resume_without_checkpoints_is_a_clear_error(tmp_path):
     r = cli("train", "--preset", "tiny", "--run-dir", tmp_path, "--quiet")
     assert r.returncode == 0
+    (tmp_path / "summary.json").unlink()     # as if it had stopped before any checkpoint
     r = cli("train", "--resume", tmp_path)
     assert r.returncode == 2 and "no usable checkpoint" in r.stderr

@@ -59,7 +59,7 @@ def take_checkpoint(control, pump, state: RunState, run_dir: str, cfg) -> str:
     folder = checkpoint.folder(run_dir, step)
     os.makedirs(folder, exist_ok=True)
     control.acks = {}
-    control.broadcast("checkpoint", {"dir": folder})
+    control.broadcast("checkpoint", {"step": step})    # each stage derives the folder
     deadline = time.monotonic() + cfg.peer_timeout_s
     while len(control.acks) < control.n:
         if time.monotonic() > deadline:

@@ -166,11 +166,13 @@ class Stage:
             self._count_bad()
 
     def _checkpoint(self, meta) -> None:
-        """Snapshot this stage into the folder the coordinator names; answer with its hash."""
-        folder = meta.get("dir")
-        if not isinstance(folder, str):
+        """Snapshot this stage for the step the coordinator names, into that step's folder
+        under its own run folder (never a folder a message names); answer with its hash."""
+        step = meta.get("step")
+        if type(step) is not int or step < 0:
             self._count_bad()
             return
+        folder = checkpoint.folder(self.spec.run_dir, step)
         name = f"stage-{self.rank}.npz"
         control = self.links.control
         try:
