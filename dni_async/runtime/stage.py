@@ -122,8 +122,9 @@ class Stage:
 
     def _pump(self, timeout_s: float) -> None:
         links = self.links
+        poller = links.poller if self.program.ready_for_batch() else links.poller_without_batches
         with self.clock.span("wait"):
-            ready = dict(links.poller.poll(int(timeout_s * 1000)))
+            ready = dict(poller.poll(int(timeout_s * 1000)))
         now = time.monotonic()
         if now >= self.next_beat:
             links.send(links.control, "heartbeat",
@@ -145,7 +146,7 @@ class Stage:
                     break
         if links.fwd_in in ready and self.program.ready_for_batch():
             msg = links.recv(links.fwd_in)     # (a coupled stage waiting for its gradient
-            if msg is not None:                # leaves further batches queued)
+            if msg is not None:                # leaves further batches queued, unread)
                 self._on_fwd(msg)
         if _interrupted_at and time.monotonic() - _interrupted_at > INTERRUPT_GRACE_S:
             raise KeyboardInterrupt   # nobody came to stop us gracefully

@@ -77,6 +77,11 @@ class StageLinks:
         for s in (self.control, self.fwd_in, self.grad_in):
             if s is not None:
                 self.poller.register(s, zmq.POLLIN)
+        # while a coupled stage waits for its gradient, queued batches must not wake it
+        self.poller_without_batches = zmq.Poller()
+        for s in (self.control, self.grad_in):
+            if s is not None:
+                self.poller_without_batches.register(s, zmq.POLLIN)
         # where each kind of message a stage's program sends goes
         self.route = {"fwd": self.fwd_out, "grad": self.grad_out, "loss": self.results,
                       "done": self.results, "evalres": self.results, "eval": self.fwd_out}
