@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -24,6 +25,9 @@ def main(run_dir: str, plain: bool = False) -> int:
     spec = RunSpec.load(path)
     if not spec.endpoints.get("monitor"):
         raise ConfigError(f"{run_dir}: this run was planned without a monitor stream")
+    # Ctrl-C detaches even when this process was started with SIGINT ignored (a shell's
+    # background job, a test harness)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     feed = live.Feed.for_run(spec)
     view = (live.LiveView(feed) if live.is_terminal() and not plain
             else live.PlainView(feed))
