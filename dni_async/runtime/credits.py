@@ -73,5 +73,8 @@ class OpenSteps:
         if not self.open:
             return None
         step = min(self.opened_at, key=self.opened_at.get)
-        age, limit = time.monotonic() - self.opened_at[step], self.deadline_s()
+        age = time.monotonic() - self.opened_at[step]
+        if age <= self.floor_s:      # no deadline is shorter: skip the median on the hot path
+            return None
+        limit = self.deadline_s()
         return (step, age, limit) if age > limit else None
