@@ -198,7 +198,8 @@ def _coerce(name: str, value, current):
         if isinstance(current, list):
             if isinstance(value, str):
                 text = value
-                value = [v.strip() for v in text.split(",")] if text.strip() else []
+                inner = text.strip().removeprefix("[").removesuffix("]")   # `[1, 2]` as in TOML
+                value = [v.strip() for v in inner.split(",")] if inner.strip() else []
                 if any(v == "" for v in value):
                     raise ConfigError(f"{name}: an empty item in {text!r}")
             value = list(value)
@@ -342,9 +343,11 @@ def validate(cfg: Config) -> None:
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.log_every >= 0, "log_every must be >= 0")
     need(cfg.eval_batches >= 0, "eval_batches must be >= 0")
-    bad = [k for k in cfg.true_boundaries if not 0 <= k < cfg.n_stages - 1]
-    need(not bad, f"true_boundaries: {bad} outside 0..{cfg.n_stages - 2} (boundary k joins "
-                  f"stage k and k+1)")
+    last = cfg.n_stages - 2
+    bad = [k for k in cfg.true_boundaries if not -last - 1 <= k <= last]
+    need(not bad, f"true_boundaries: {bad} outside 0..{last} (boundary k joins stage k and k+1; "
+                  f"-1 is the last, next to the output)")
+    cfg.true_boundaries = sorted({k % (last + 1) for k in cfg.true_boundaries})
     need(0 <= cfg.time_budget_s < float("inf"), "time_budget_s must be a number of seconds >= 0")
     from dni_async.progress import parse_target
     parse_target(cfg.stop_at, "stop_at")

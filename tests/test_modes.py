@@ -158,6 +158,16 @@ def test_true_boundaries_name_real_boundaries_and_change_nothing_in_lockstep():
         [mode.on_forward(k, N) for k in range(N)]
 
 
+def test_true_boundaries_count_from_the_output_when_negative_and_read_brackets():
+    """-1 names the boundary next to the output whatever the depth, so a preset can couple
+    it at any `--layers`; `--set true_boundaries=[1]` reads as TOML writes it."""
+    cfg = make_config({**SMALL, "mode": "cdni", "true_boundaries": "[-1]"}, preset="tiny")
+    assert cfg.true_boundaries == [cfg.n_stages - 2]
+    deep = make_config({**SMALL, "mode": "cdni", "layers": 5, "true_boundaries": [-1, 0]},
+                       preset="tiny")
+    assert deep.true_boundaries == [0, 3]
+
+
 def test_every_boundary_true_is_backprop_in_one_process():
     """cdni with every boundary on the true gradient does what lockstep backprop does, to
     the bit, in the one-process reference."""
