@@ -39,13 +39,15 @@ def test_every_stage_program_is_well_formed(name):
             assert Op.LOSS_DELTA in fwd and Op.REPORT_LOSS in fwd and grad == ()
         if mode.decoupled and rank < N - 1:
             assert Op.HOLD not in fwd and grad == (Op.TRAIN_GENERATOR,)
-            assert fwd.index(Op.SEND_FORWARD) < fwd.index(Op.SYNTHETIC_UPDATE), \
+            assert fwd.index(Op.SEND_FORWARD) < fwd.index(Op.SYNTHETIC_DELTA), \
                 "the next stage gets its input before this one updates"
+            assert fwd.index(Op.SYNTHETIC_DELTA) < fwd.index(Op.SYNTHETIC_UPDATE)
         if not mode.decoupled and rank < N - 1:
             assert Op.HOLD in fwd and grad[0] is Op.RELEASE
             assert (Op.REPORT_DONE in grad) == (rank == 0)
         ops = fwd + grad
         update = Op.ACCUMULATE if mode.micro_batched else Op.UPDATE
+        update = Op.SYNTHETIC_UPDATE if Op.SYNTHETIC_UPDATE in ops else update
         if Op.SEND_GRAD in ops and update in ops:
             assert ops.index(Op.SEND_GRAD) < ops.index(update), "dL/dx leaves before the update"
 

@@ -23,7 +23,9 @@ class Op(str, enum.Enum):
     FORWARD = "forward"                  # h = layer(x)
     SEND_FORWARD = "send_forward"        # (h, y) on to the next stage
     HOLD = "hold"                        # keep (x, h) until this step's gradient comes back
-    SYNTHETIC_UPDATE = "synthetic_update"  # update from the generator's guess; its dL/dx is the
+    SYNTHETIC_DELTA = "synthetic_delta"  # delta and dL/dx from the generator's guess; that dL/dx
+                                         # is the target for the previous stage's generator
+    SYNTHETIC_UPDATE = "synthetic_update"  # update from the guess; remember it for its target
                                            # target for the previous stage's generator
     LOSS_DELTA = "loss_delta"            # last stage: delta and dL/dx from the loss
     RELEASE = "release"                  # take back the held (x, h) for this step
@@ -87,8 +89,9 @@ class Mode:
         up = (Op.SEND_GRAD,) if rank > 0 else ()
         if rank == n - 1:       # the loss is here: the true gradient, whatever the mode
             return (Op.FORWARD, Op.LOSS_DELTA, *up, self._update(), Op.REPORT_LOSS)
-        if self.synthetic(rank, n, coupled):   # the next stage first, so it can start at once
-            return (Op.FORWARD, Op.SEND_FORWARD, Op.SYNTHETIC_UPDATE, *up)
+        if self.synthetic(rank, n, coupled):   # the next stage first, so it can start at once;
+            # then dL/dx before the update, so a coupled stage upstream runs beside it
+            return (Op.FORWARD, Op.SEND_FORWARD, Op.SYNTHETIC_DELTA, *up, Op.SYNTHETIC_UPDATE)
         return (Op.FORWARD, Op.SEND_FORWARD, Op.HOLD)
 
     def on_gradient(self, rank: int, n: int, coupled=()) -> tuple:

@@ -18,8 +18,9 @@ from dni_async.nn import metrics
 from dni_async.nn.modes import Mode, Op
 
 # the clock category each op's time is counted under (sends are timed by whoever sends)
-SPAN = {Op.FORWARD: "forward", Op.SYNTHETIC_UPDATE: "update", Op.LOSS_DELTA: "backward",
-        Op.TRUE_DELTA: "backward", Op.UPDATE: "update", Op.ACCUMULATE: "update",
+SPAN = {Op.FORWARD: "forward", Op.SYNTHETIC_DELTA: "backward", Op.SYNTHETIC_UPDATE: "update",
+        Op.LOSS_DELTA: "backward", Op.TRUE_DELTA: "backward", Op.UPDATE: "update",
+        Op.ACCUMULATE: "update",
         Op.TRAIN_GENERATOR: "generator"}
 
 
@@ -39,6 +40,7 @@ class Work:
     h: object = None
     delta: object = None
     upstream: object = None   # dL/dx, or the target for the previous stage's generator
+    guess: object = None      # the generator's guess, until the update remembers it
 
 
 class StageProgram:
@@ -111,9 +113,12 @@ class StageProgram:
     def _hold(self, w):
         self.held[w.step] = (w.cache, w.meta)
 
+    def _synthetic_delta(self, w):
+        w.delta, w.upstream, w.guess = self.model.synthetic_delta(
+            w.cache, w.y, need_grad_input=self._needs_upstream)
+
     def _synthetic_update(self, w):
-        w.upstream = self.model.synthetic_update(w.step, w.cache, w.y,
-                                                 need_grad_input=self._needs_upstream)
+        self.model.synthetic_update(w.step, w.cache, w.delta, w.guess)
 
     def _loss_delta(self, w):
         w.delta, w.upstream = self.model.loss_delta(w.cache, w.y,

@@ -10,8 +10,9 @@ when normalised) and what the backward pass needs. Every rule below takes that c
 `forward(x)` is the evaluation pass (running statistics) and returns h alone.
 
 backprop:  forward_train -> (wait for dL/dh) -> true_delta -> send dL/dx upstream -> apply.
-dni/cdni:  forward_train -> synthetic_update: update the layer from g_hat = M(context), send the
-           bootstrapped target delta_hat @ W.T upstream -> later, apply_target(step, target)
+dni/cdni:  forward_train -> synthetic_delta from g_hat = M(context) -> send the bootstrapped
+           target delta_hat @ W.T upstream -> synthetic_update: update the layer from the
+           guess -> later, apply_target(step, target)
            trains M (on its prediction recomputed with its current weights when it has moved).
 last stage (any mode): loss_delta (the true gradient) -> send dL/dx upstream -> apply;
            `backward_from_loss` is the two together.
@@ -161,16 +162,19 @@ class StageModel:
 
     # -- synthetic gradients --------------------------------------------------------------
 
-    def synthetic_update(self, step: int, cache: Cache, y, *, need_grad_input: bool = True):
-        """Update the layer from the generator's guess of dL/dh, without waiting for anyone.
+    def synthetic_delta(self, cache: Cache, y, *, need_grad_input: bool = True):
+        """The generator's guess of dL/dh, without waiting for anyone: (delta, dL/dx, guess).
 
-        Returns the target for the previous stage's generator, delta_hat @ W.T, computed
-        with the weights of the forward pass (before this update) and without `sg_scale`.
-        """
+        dL/dx (delta_hat @ W.T, with the weights of the forward pass and without `sg_scale`)
+        is the target for the previous stage's generator; it can leave before the update."""
         c = nn.context(self.context, cache.h, y)
         g_hat, gen_cache = self.generator.predict(c)
         delta = self._delta(cache, g_hat)
         g_prev = self.layer.grad_input(delta) if need_grad_input else None
+        return delta, g_prev, (gen_cache, g_hat)
+
+    def synthetic_update(self, step: int, cache: Cache, delta, guess) -> None:
+        """Update the layer from the guess's delta, and remember the guess for its target."""
         if not self.frozen:
             grads = self._gradients(cache, delta)
             if self.sg_scale != 1.0:
@@ -179,8 +183,8 @@ class StageModel:
                         g *= self.sg_scale
             self.optimizer.step(grads, cache.x.shape[0])
         self.updates += 1
+        gen_cache, g_hat = guess
         self._remember(step, (gen_cache, g_hat, self.updates, self.generator.steps))
-        return g_prev
 
     def _remember(self, step: int, entry) -> None:
         self.pending[step] = entry
