@@ -148,8 +148,8 @@ class Config:
 # What the classification presets share (docs/math-study.md: how each value was chosen).
 CLASSIFIER = {"activation": ["relu"], "bias": True, "init": "he", "output_activation": "softmax",
               "loss": "softmax_xent", "batch_norm": True, "optimizer": "adam", "lr": 0.01,
-              "generator_optimizer": "adam", "generator_lr": 0.001, "max_in_flight": 2,
-              "eval_every": 5}
+              "generator_optimizer": "adam", "generator_lr": 0.001, "max_in_flight": 1,
+              "true_boundaries": [-1], "eval_every": 5}
 
 PRESETS: dict[str, dict] = {
     # The seed post's network and training, exactly (24 -> 128 -> 64 -> 12, sigmoid, no bias).
@@ -162,8 +162,9 @@ PRESETS: dict[str, dict] = {
               "lr": 0.01, "epochs": 20, "batch_size": 20},
     # Classification (the [data] extra): relu MLPs with batch norm in every hidden layer and
     # Adam, softmax cross-entropy; for dni/cdni linear generators (over [h, one-hot y] in cdni)
-    # trained by their own Adam. Measured in one process: docs/math-study.md. `--set layers=N`
-    # gives N weight layers of the same width.
+    # trained by their own Adam, the true gradient at the boundary next to the output, and one
+    # batch in flight (docs/results.md: what each buys). The math was chosen in one process
+    # (docs/math-study.md). `--layers N` gives N weight layers of the same width.
     "mnist1d": {"dataset": "mnist1d", "n_train": 4000, "n_test": 1000, "hidden": [128, 128],
                 **CLASSIFIER, "batch_size": 100, "epochs": 60},
     "digits": {"dataset": "digits", "n_train": 1400, "n_test": 360, "hidden": [128, 128],
