@@ -193,6 +193,7 @@ class Stage:
             "times": self.clock.totals, "cpu_times": self.clock.cpu,
             "wall": self.clock.elapsed(), "busy": self.clock.busy(),
             "bad_messages": self.bad_messages, "counters": self.model.counters,
+            "refused": {"wrong_key": self.links.refused_keys},
             "generator_sq_error": self.model.generator_sq_error,
             "lag_histogram": {str(k): v for k, v in sorted(self.lags.items())},
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
