@@ -4,6 +4,10 @@ Stages say hello, send heartbeats from their own loops, confirm checkpoints and 
 final stats here; the coordinator sends start, heartbeats, checkpoint and stop. A stage that
 stays silent for `peer_timeout_s` is reported lost, so a stuck loop is caught as surely as a
 dead process.
+
+A stage is who its key says (under CURVE, `security.Curve.refuses`), and its routing name must
+be exactly "stage-K": a message under another stage's name, under a spelling of one ("stage-01"),
+or whose `rank` disagrees with its name is refused and counted, and changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ class ControlPlane:
         self.socket = wire.socket(ctx, zmq.ROUTER, max_msg_bytes=1 << 20)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.SNDTIMEO, int(self.cfg.peer_timeout_s * 1000))
+        self.curve = curve
+        # rank by routing name, "stage-K" exactly (not "stage-01", "stage- 1", "stage-1_0")
+        self.ranks = {f"stage-{k}".encode(): k for k in range(self.n)}
         if curve:
             curve.server(self.socket)
         self.socket.bind(spec.endpoints["control"])
@@ -66,8 +73,9 @@ class ControlPlane:
         except wire.WireError:
             self.bad_messages += 1
             return
-        rank = _rank_of(frames[0].bytes, self.n)
-        if rank is None:
+        rank = self.ranks.get(frames[0].bytes)
+        if (rank is None or msg.meta.get("rank", rank) != rank
+                or (self.curve and self.curve.refuses(frames[1], f"stage-{rank}"))):
             self.bad_messages += 1
             return
         self.last_seen[rank] = time.monotonic()
@@ -154,15 +162,3 @@ def _valid_stats(meta: dict) -> bool:
             and type(meta.get("busy")) in num and type(meta.get("wall")) in num
             and type(meta.get("bad_messages")) is int and isinstance(meta.get("counters"), dict)
             and isinstance(meta.get("times"), dict))
-
-
-def _rank_of(ident: bytes, n: int):
-    try:
-        name = ident.decode()
-        if name.startswith("stage-"):
-            k = int(name[6:])
-            if 0 <= k < n:
-                return k
-    except (UnicodeDecodeError, ValueError):
-        pass
-    return None

@@ -81,6 +81,8 @@ class Coordinator:
             self.curve.server(self.results)
             self.curve.client(self.feed, "stage-0")
         self.results.bind(ep["results"])
+        last = f"stage-{self.n - 1}"
+        self.results_from = {"loss": (last,), "evalres": (last,), "done": ("stage-0",)}
         self.feed.connect(ep["fwd_in"][0])
         self.sockets = [self.control.socket, self.results, self.feed]
         # the monitor stream (runtime/monitor.py); a plan written before it existed has none
@@ -111,12 +113,16 @@ class Coordinator:
                                 f"{self.cfg.peer_timeout_s:.0f} s") from None
 
     def _on_result(self) -> None:
+        frames = wire.recv_frames(self.results, 0)
+        if frames is None:
+            return
         try:
-            msg = wire.recv(self.results, self.spec.run_id, 0, max_array_bytes=0)
+            msg = wire.decode(frames, self.spec.run_id, max_array_bytes=0)
         except wire.WireError:
             self.bad_messages += 1
             return
-        if msg is None:
+        if self.curve and self.curve.refuses(frames[0], *self.results_from.get(msg.kind, ())):
+            self.bad_messages += 1      # under CURVE: not from the stage that sends this kind
             return
         if msg.kind == "evalres":
             ok = self.evals.on_result(msg.step, msg.meta.get("sums"))

@@ -28,6 +28,7 @@ from dni_async.nn.program import StageProgram
 from dni_async.runtime import checkpoint
 from dni_async.runtime.faults import Fault
 from dni_async.runtime.monitor import beat_extras
+from dni_async.runtime.replay import Replays
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
 from dni_async.runtime.stage_links import RECENT, PeerLost, StageLinks
 
@@ -62,6 +63,7 @@ class Stage:
         rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
         max_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize
         self.links = StageLinks(spec, rank, max_bytes, self.clock)
+        self.replays = Replays()           # steps run already: a second message for one is refused
         slow = parse_slow_stage(cfg.slow_stage)
         self.delay_s = slow[1] if slow and slow[0] == rank else 0.0   # teaching: a slow stage
         self.lags: dict[int, int] = {}     # target lag -> how many targets arrived that late
@@ -193,6 +195,7 @@ class Stage:
             "times": self.clock.totals, "cpu_times": self.clock.cpu,
             "wall": self.clock.elapsed(), "busy": self.clock.busy(),
             "bad_messages": self.bad_messages, "counters": self.model.counters,
+            "refused": {"wrong_key": self.links.refused_keys, "replayed": self.replays.refused},
             "generator_sq_error": self.model.generator_sq_error,
             "lag_histogram": {str(k): v for k, v in sorted(self.lags.items())},
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
@@ -225,9 +228,11 @@ class Stage:
         if msg.kind == "eval":
             self._evaluate(msg, x, y)
             return
-        if not self.program.admits_batch(msg.step, x.shape[0]):
+        if (self.replays.refuses("fwd", msg.step)
+                or not self.program.admits_batch(msg.step, x.shape[0])):
             self._count_bad()
             return
+        self.replays.ran("fwd", msg.step)
         self.batches += 1
         self.seen["fwd_in"].append(msg.step)
         if self.fault and self.fault.maybe_fire(self.batches):
@@ -249,13 +254,15 @@ class Stage:
             return
         (g,) = msg.arrays
         self.seen["grad_in"].append(msg.step)
-        if not self.program.admits_gradient(msg.step, g.shape[0]):
+        if (self.replays.refuses("grad", msg.step)
+                or not self.program.admits_gradient(msg.step, g.shape[0])):
             self._count_bad()
             return
         c = self.model.counters
         applied, lag_sum = c["targets_applied"], c["target_lag_sum"]
         try:
             self.program.on_gradient(msg.step, g, msg.meta)
+            self.replays.ran("grad", msg.step)
         except ValueError:      # a gradient of another shape than the step it names
             self._count_bad()
         if c["targets_applied"] == applied + 1:     # a generator target: how late it came

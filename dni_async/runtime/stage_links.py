@@ -8,6 +8,9 @@ K is this stage, 0-based:
   results  PUSH connect  to the coordinator: loss and eval sums (last stage), `done` (stage 0)
   control  DEALER        to the coordinator's ROUTER: hello, start, heartbeat, stats, stop
 
+Under CURVE a message on a socket this stage binds is let in only if it came with the key of the
+one peer who sends there (`security.Curve.refuses`).
+
 Every send is bounded by `peer_timeout_s`: a peer that takes nothing for that long is lost.
 """
 
@@ -82,6 +85,10 @@ class StageLinks:
         for s in (self.control, self.grad_in):
             if s is not None:
                 self.poller_without_batches.register(s, zmq.POLLIN)
+        # under CURVE, the one key that may send on each socket this stage binds
+        self.senders = {self.fwd_in: "coordinator" if k == 0 else f"stage-{k - 1}"}
+        if self.grad_in is not None:
+            self.senders[self.grad_in] = f"stage-{k + 1}"
         # where each kind of message a stage's program sends goes
         self.route = {"fwd": self.fwd_out, "grad": self.grad_out, "loss": self.results,
                       "done": self.results, "evalres": self.results, "eval": self.fwd_out}
@@ -111,9 +118,22 @@ class StageLinks:
             self.sent[f"{kind}_out"].append(step)
 
     def recv(self, sock):
-        """One message, or None (counted) if it was not well-formed for this run."""
+        """One message, or None (counted) if it was not well-formed for this run or, under
+        CURVE, came with another key than that of the one peer who sends on `sock`."""
+        frames = wire.recv_frames(sock, 0)
+        if frames is None:
+            return None
+        if self.curve and sock in self.senders:     # (a socket that connects has its server
+            if self.curve.refuses(frames[0], self.senders[sock]):   # proven by the handshake)
+                self.bad_messages += 1
+                return None
         try:
-            return wire.recv(sock, self.spec.run_id, 0, max_array_bytes=self.max_array_bytes)
+            return wire.decode(frames, self.spec.run_id, max_array_bytes=self.max_array_bytes)
         except wire.WireError:
             self.bad_messages += 1
             return None
+
+    @property
+    def refused_keys(self) -> int:
+        """Messages refused because their key was not their sender's (always 0 without CURVE)."""
+        return self.curve.refused if self.curve else 0

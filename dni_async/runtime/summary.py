@@ -31,6 +31,8 @@ def build(coord, final: dict, wall: float) -> dict:
         "stages": stages,
         "bad_messages": {"coordinator": coord.bad_messages + coord.control.bad_messages,
                          **{f"stage-{s['rank']}": s["bad_messages"] for s in stages}},
+        "refused": {"coordinator": {"wrong_key": coord.curve.refused if coord.curve else 0},
+                    **{f"stage-{s['rank']}": s.get("refused", {}) for s in stages}},
         "coordinator_times": coord.clock.totals,
         "checkpoint_seconds": coord.checkpoints,
         "machine": report.machine(),

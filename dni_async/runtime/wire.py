@@ -309,10 +309,19 @@ def recv(sock: zmq.Socket, run_id: str, timeout_ms: int, **limits: Any) -> Messa
     the receiver. ``limits`` are passed to ``decode``. A negative timeout
     waits forever.
     """
+    frames = recv_frames(sock, timeout_ms)
+    return None if frames is None else decode(frames, run_id, **limits)
+
+
+def recv_frames(sock: zmq.Socket, timeout_ms: int) -> list | None:
+    """Wait up to ``timeout_ms`` for one message's frames, not yet decoded; None on timeout.
+
+    The frames are ``zmq.Frame`` objects, so ``frame.get("User-Id")`` tells which key the
+    sender's connection authenticated with (CURVE, ``runtime/security.py``).
+    """
     if not sock.poll(timeout_ms, zmq.POLLIN):
         return None
-    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-    return decode(frames, run_id, **limits)
+    return sock.recv_multipart(zmq.NOBLOCK, copy=False)
 
 
 def make_context() -> zmq.Context:
