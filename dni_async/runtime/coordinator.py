@@ -195,7 +195,7 @@ class Coordinator:
             st.next_batch += 1
             if pr.trained_one():
                 self._drain_credits()
-                self._held_out(epoch, st.train_seconds + self._seconds_since(t0))
+                self._held_out(st.train_seconds + self._seconds_since(t0))
                 if pr.stopped:
                     break
         self._drain_credits()   # every batch sent is finished
@@ -205,13 +205,13 @@ class Coordinator:
         """Training seconds since t0: evaluations do not count."""
         return time.perf_counter() - t0 - self.eval_seconds
 
-    def _held_out(self, epoch: int, train_seconds: float) -> dict:
+    def _held_out(self, train_seconds: float) -> dict:
         """Evaluate the held-out set now and add it to the curve; its metrics."""
         t0 = time.perf_counter()
         self.state.n_eval += 1
         test = metrics.summarize(self.evals.run(self.ds.x_test, self.ds.y_test,
                                                 self.state.n_eval), "test")
-        self.progress.record(epoch, train_seconds, test)
+        self.progress.record(train_seconds, test)
         self.eval_seconds += time.perf_counter() - t0
         return test
 
@@ -223,7 +223,7 @@ class Coordinator:
         every = report.log_every(cfg)
         try:
             if pr.starting():          # where training starts, for targets above it
-                self._held_out(st.epoch, st.train_seconds)
+                self._held_out(st.train_seconds)
             while st.epoch < cfg.epochs and not pr.stopped:
                 epoch = st.epoch
                 if st.next_batch == 0:
@@ -242,8 +242,8 @@ class Coordinator:
                     # interrupted here: the epoch's training is done; resuming redoes its eval
                     point = pr.point_at(pr.batches)
                     test = ({k: point[k] for k in point if k.startswith("test_")} if point
-                            else self._held_out(epoch, st.train_seconds))
-                row = report.history_row(epoch, st.epoch_sums, test, st.train_seconds,
+                            else self._held_out(st.train_seconds))
+                row = report.history_row(epoch + 1, st.epoch_sums, test, st.train_seconds,
                                          (st.next_batch - first) * cfg.batch_size / dt
                                          if dt else 0.0)
                 st.history.append(row)
@@ -260,7 +260,7 @@ class Coordinator:
             final = {
                 **metrics.summarize(self.evals.run(ds.x_train, ds.y_train, st.n_eval + 1), "train"),
                 **metrics.summarize(self.evals.run(ds.x_test, ds.y_test, st.n_eval + 2), "test")}
-            pr.record(max(st.epoch - 1, 0), st.train_seconds,
+            pr.record(st.train_seconds,
                       {k: v for k, v in final.items() if k.startswith("test_")})
         except Interrupted:
             self.checkpoint()
@@ -271,10 +271,10 @@ class Coordinator:
         return summary.build(self, final, time.perf_counter() - wall0)
 
     def _log_row(self, log, row: dict, every: int) -> None:
-        epoch, history = row["epoch"], self.state.history
+        epoch, history = row["epoch"], self.state.history     # counted from 1
         if log and report.diverged(row) and (len(history) < 2 or not report.diverged(history[-2])):
-            log(f"epoch {epoch + 1}: {report.DIVERGED}", flush=True)
-        if log and ((epoch + 1) % every == 0 or epoch == self.cfg.epochs - 1):
+            log(f"epoch {epoch}: {report.DIVERGED}", flush=True)
+        if log and (epoch % every == 0 or epoch == self.cfg.epochs):
             log(report.format_row(row, self.cfg.epochs), flush=True)
 
     def checkpoint(self) -> str:
