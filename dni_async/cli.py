@@ -113,6 +113,10 @@ def _cmd_reference(args) -> int:
           f"| {summary['wall_seconds']:.1f} s")
     if args.json:
         report.write_json(args.json, summary)
+    from dni_async.measure import float_warnings
+    said = float_warnings.line(summary["fp_warnings"])
+    if said:
+        print(said, file=sys.stderr)
     if summary["diverged"] is not None:
         print(f"dni-async reference: step {summary['diverged']}: {report.DIVERGED}",
               file=sys.stderr)

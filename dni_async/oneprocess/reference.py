@@ -16,6 +16,7 @@ from collections import deque
 import numpy as np
 
 from dni_async import report
+from dni_async.measure.float_warnings import FloatWarnings
 from dni_async.config import Config
 from dni_async.nn import metrics, network, stage_model
 from dni_async.nn.modes import Op, mode_of
@@ -146,7 +147,16 @@ def evaluate(models, cfg: Config, x, y, chunk: int | None = None) -> dict:
 
 def train(cfg: Config, log=print, on_epoch=None) -> dict:
     """Train in one process; returns the run summary (the same keys `train` writes).
-    `progress(epochs_done)`, when given, is called after every epoch (a progress bar)."""
+    `progress(epochs_done)`, when given, is called after every epoch (a progress bar).
+    numpy's floating-point warnings are counted (`fp_warnings`), not printed."""
+    fp = FloatWarnings()
+    with fp.counting():
+        summary = _train(cfg, log, on_epoch)
+    summary["fp_warnings"] = {"reference": fp.as_dict()} if fp.counts else {}
+    return summary
+
+
+def _train(cfg: Config, log, on_epoch) -> dict:
     wall0 = time.perf_counter()
     ds, rng = network.load_data_and_rng(cfg)
     network.resolve_dims(cfg, ds)

@@ -27,10 +27,12 @@ from dni_async.config import ConfigError
 from dni_async.measure.clock import Clock
 from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
-from dni_async.runtime import summary, wire
+from dni_async.measure.float_warnings import FloatWarnings, line as fp_line
+from dni_async.runtime import failure, summary, wire
 from dni_async.runtime.control import ControlPlane, StageLost, trail
 from dni_async.runtime.credits import OpenSteps
 from dni_async.runtime.evaluation import Evaluations, Interrupted
+from dni_async.runtime.flight import FlightRecorder
 from dni_async.runtime.monitor import Monitor
 from dni_async.runtime.run_state import RunState, take_checkpoint
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec, release_ipc
@@ -38,6 +40,7 @@ from dni_async.runtime.security import Curve
 
 EXIT_STAGE_LOST = 3
 EXIT_DIVERGED = 4
+LAST_WORDS_S = 1.0     # after a failure, how long live stages have for their final report
 
 
 class Diverged(RuntimeError):
@@ -51,6 +54,8 @@ class Coordinator:
         self.n = self.cfg.n_stages
         self.ds, _ = network.load_data_and_rng(self.cfg)
         self.clock = Clock(record_spans=spec.trace)
+        self.recorder = FlightRecorder()     # its own message events, for failure.json
+        self.fp = FloatWarnings()
         self.bad_messages = 0
         self.credits = OpenSteps(mode_of(self.cfg), self.cfg)
         self.state = RunState.restore(spec.resume_from) if spec.resume_from else RunState()
@@ -73,7 +78,7 @@ class Coordinator:
         if self.cfg.curve_keys:
             self.curve = Curve(self.cfg.curve_keys, "coordinator")
             self.curve.start(self.ctx)
-        self.control = ControlPlane(self.ctx, self.spec, self.curve)
+        self.control = ControlPlane(self.ctx, self.spec, self.curve, self.recorder)
         self.results = wire.socket(self.ctx, zmq.PULL, max_msg_bytes=1 << 20)
         self.feed = wire.socket(self.ctx, zmq.PUSH)
         self.feed.setsockopt(zmq.SNDTIMEO, int(self.cfg.peer_timeout_s * 1000))
@@ -109,6 +114,7 @@ class Coordinator:
                 what = "batch" if kind == "fwd" else "evaluation batch"
                 raise StageLost(f"stage 0 took no {what} for "
                                 f"{self.cfg.peer_timeout_s:.0f} s") from None
+        self.recorder.note("out", "stage-0", kind, step)
 
     def _on_result(self) -> None:
         try:
@@ -118,6 +124,8 @@ class Coordinator:
             return
         if msg is None:
             return
+        self.recorder.note("in", "stage-0" if msg.kind == "done" else f"stage-{self.n - 1}",
+                           msg.kind, msg.step)
         if msg.kind == "evalres":
             ok = self.evals.on_result(msg.step, msg.meta.get("sums"))
         elif msg.kind in ("loss", "done") and self.credits.expects(msg.kind, msg.step):
@@ -310,6 +318,17 @@ def _drain(sock: zmq.Socket, handle, limit: int = 64) -> None:
         handle()
 
 
+def _fail(coord: Coordinator, error: str, **extra) -> None:
+    """Every stage told to stop; failure.json, with the last words of the stages that can
+    still answer (none when `train` is already stopping everyone); the warnings in one line."""
+    failure.write(coord, error, **extra)     # at once: `train` may not wait for the rest
+    coord.control.last_words(0.0 if coord.interrupted else LAST_WORDS_S)
+    written = failure.write(coord, error, **extra)
+    said = fp_line(written.get("fp_warnings", {}))
+    if said:
+        print(f"dni-async: {said}", file=sys.stderr)
+
+
 def main(spec_path: str) -> int:
     spec = RunSpec.load(spec_path)
     try:
@@ -329,7 +348,8 @@ def main(spec_path: str) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     last_step = lambda: coord.credits.completed_batches - 1   # noqa: E731
     try:
-        result = coord.run()
+        with coord.fp.counting():
+            result = coord.run()
         if result is None:
             coord.publish("interrupted")
             report.write_json(os.path.join(spec.run_dir, "stopped.json"),
@@ -343,9 +363,7 @@ def main(spec_path: str) -> int:
     except Diverged as exc:
         coord.publish("failed")
         print(f"dni-async: {exc}", file=sys.stderr)
-        report.write_json(os.path.join(spec.run_dir, "failure.json"),
-                          {"error": str(exc), "diverged": True, "last_completed_step": last_step()})
-        coord.control.try_stop_all()
+        _fail(coord, str(exc), diverged=True)
         return EXIT_DIVERGED
     except StageLost as exc:
         coord.publish("failed")
@@ -353,12 +371,7 @@ def main(spec_path: str) -> int:
             print(f"dni-async: coordinator: could not stop in order: {exc}", file=sys.stderr)
         else:
             print(f"dni-async: {exc}", file=sys.stderr)
-        report.write_json(os.path.join(spec.run_dir, "failure.json"),
-                          {"error": str(exc), "last_completed_step": last_step(),
-                           "open_steps": {str(s): sorted(w) for s, w in coord.credits.open.items()},
-                           "stages_last_seen": {f"stage-{k}": v
-                                                for k, v in sorted(coord.control.seen.items())}})
-        coord.control.try_stop_all()
+        _fail(coord, str(exc))
         return EXIT_STAGE_LOST
     except KeyboardInterrupt:
         coord.publish("interrupted")

@@ -22,10 +22,11 @@ import zmq
 
 from dni_async.config import ConfigError, parse_slow_stage
 from dni_async.measure.clock import Clock
+from dni_async.measure.float_warnings import FloatWarnings, line as fp_line
 from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
-from dni_async.runtime import checkpoint
+from dni_async.runtime import checkpoint, flight
 from dni_async.runtime.faults import Fault
 from dni_async.runtime.monitor import beat_extras
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
@@ -51,6 +52,7 @@ class Stage:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"stage {rank}: cannot resume from {path}: {exc}") from None
         self.clock = Clock(record_spans=spec.trace)
+        self.fp = FloatWarnings()
         self.batches = 0
         # the recent steps received on each link, reported in heartbeats: where a lost step was
         self.seen = {"fwd_in": deque(maxlen=RECENT), "grad_in": deque(maxlen=RECENT)}
@@ -131,7 +133,9 @@ class Stage:
                        meta={"batches": self.batches,
                              **{k: list(v) for k, v in (*self.seen.items(), *links.sent.items())},
                              **beat_extras(self.clock, len(self.program.held),
-                                           len(self.model.pending), self.model.counters)})
+                                           len(self.model.pending), self.model.counters),
+                             **flight.beat(links.recorder, self.program.held, self.model.pending),
+                             "fp_warnings": self.fp.as_dict()})
             self.next_beat = now + self.cfg.heartbeat_s
         if links.control in ready:
             self._on_control()
@@ -196,6 +200,8 @@ class Stage:
             "generator_sq_error": self.model.generator_sq_error,
             "lag_histogram": {str(k): v for k, v in sorted(self.lags.items())},
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "fp_warnings": self.fp.as_dict(),
+            **flight.beat(self.links.recorder, self.program.held, self.model.pending),
         }
         if self.spec.trace:
             from dni_async.measure import trace
@@ -294,9 +300,13 @@ def main(spec_path: str, rank: int) -> int:
         print(f"stage {rank}: cannot open its sockets: {exc}", file=sys.stderr)
         return 1
     try:
-        return stage.run()
+        with stage.fp.counting():
+            return stage.run()
     except PeerLost as exc:
         print(f"dni-async: {exc}; exiting", file=sys.stderr)
+        said = fp_line({f"stage {rank}": stage.fp.as_dict()})   # nobody else will say it
+        if said:
+            print(f"dni-async: {said}", file=sys.stderr)
         return EXIT_PEER_LOST
     except KeyboardInterrupt:
         return 130
