@@ -8,7 +8,7 @@ import os
 from dni_async import report
 from dni_async.runtime import failure
 
-FLIGHT_KEYS = ("flight", "holding")     # a stage's final report has them for failure.json
+FLIGHT_KEYS = ("flight",)     # a stage's final report has its events for failure.json
 
 
 def build(coord, final: dict, wall: float) -> dict:
