@@ -178,11 +178,10 @@ class Supervisor:
                 p.wait()
 
 
-def resume(run_dir: str, json_path: str | None = None, quiet: bool = False,
-           live: bool = False) -> int:
-    """Continue a run from its newest good checkpoint, with fresh endpoints."""
+def resume_point(run_dir: str) -> tuple[RunSpec, str]:
+    """A run's saved plan and its newest good checkpoint (an absolute path, for processes
+    started anywhere), or one ConfigError line saying why there is none."""
     from dni_async.runtime import checkpoint
-    from dni_async.runtime.runspec import RunSpec
     old = RunSpec.load(os.path.join(run_dir, "config.json"))
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         raise ConfigError(f"{run_dir} finished already (its summary.json is there): nothing to "
@@ -191,6 +190,13 @@ def resume(run_dir: str, json_path: str | None = None, quiet: bool = False,
         ckpt = checkpoint.latest_good(run_dir, log=lambda m: print(m, file=sys.stderr))
     except checkpoint.CheckpointError as exc:
         raise ConfigError(str(exc)) from None
+    return old, os.path.abspath(ckpt)
+
+
+def resume(run_dir: str, json_path: str | None = None, quiet: bool = False,
+           live: bool = False) -> int:
+    """Continue a run from its newest good checkpoint, with fresh endpoints."""
+    old, ckpt = resume_point(run_dir)
     if not quiet:
         print(f"dni-async train: resuming {run_dir} from {ckpt}", flush=True)
     return train(old.config, run_dir=run_dir, json_path=json_path, quiet=quiet,
