@@ -27,7 +27,7 @@ from dni_async.config import ConfigError
 from dni_async.measure.clock import Clock
 from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
-from dni_async.measure.float_warnings import FloatWarnings, line as fp_line
+from dni_async.measure.float_warnings import FloatWarnings
 from dni_async.runtime import failure, summary, wire
 from dni_async.runtime.control import ControlPlane, StageLost, trail
 from dni_async.runtime.credits import OpenSteps
@@ -40,7 +40,6 @@ from dni_async.runtime.security import Curve
 
 EXIT_STAGE_LOST = 3
 EXIT_DIVERGED = 4
-LAST_WORDS_S = 1.0     # after a failure, how long live stages have for their final report
 
 
 class Diverged(RuntimeError):
@@ -318,17 +317,6 @@ def _drain(sock: zmq.Socket, handle, limit: int = 64) -> None:
         handle()
 
 
-def _fail(coord: Coordinator, error: str, **extra) -> None:
-    """Every stage told to stop; failure.json, with the last words of the stages that can
-    still answer (none when `train` is already stopping everyone); the warnings in one line."""
-    failure.write(coord, error, **extra)     # at once: `train` may not wait for the rest
-    coord.control.last_words(0.0 if coord.interrupted else LAST_WORDS_S)
-    written = failure.write(coord, error, **extra)
-    said = fp_line(written.get("fp_warnings", {}))
-    if said:
-        print(f"dni-async: {said}", file=sys.stderr)
-
-
 def main(spec_path: str) -> int:
     spec = RunSpec.load(spec_path)
     try:
@@ -363,7 +351,7 @@ def main(spec_path: str) -> int:
     except Diverged as exc:
         coord.publish("failed")
         print(f"dni-async: {exc}", file=sys.stderr)
-        _fail(coord, str(exc), diverged=True)
+        failure.conclude(coord, str(exc), diverged=True)
         return EXIT_DIVERGED
     except StageLost as exc:
         coord.publish("failed")
@@ -371,7 +359,7 @@ def main(spec_path: str) -> int:
             print(f"dni-async: coordinator: could not stop in order: {exc}", file=sys.stderr)
         else:
             print(f"dni-async: {exc}", file=sys.stderr)
-        _fail(coord, str(exc))
+        failure.conclude(coord, str(exc))
         return EXIT_STAGE_LOST
     except KeyboardInterrupt:
         coord.publish("interrupted")

@@ -5,10 +5,24 @@ warnings counted so far. The coordinator writes it; `train` adds what it saw its
 from __future__ import annotations
 
 import os
+import sys
 
 from dni_async import report
 from dni_async.measure import float_warnings
 from dni_async.runtime import flight
+
+LAST_WORDS_S = 1.0     # after a failure, how long live stages have for their final report
+
+
+def conclude(coord, error: str, **extra) -> None:
+    """Every stage told to stop; failure.json, with the last words of the stages that can
+    still answer (none when `train` is already stopping everyone); the warnings in one line."""
+    write(coord, error, **extra)     # at once: `train` may not wait for the rest
+    coord.control.last_words(0.0 if coord.interrupted else LAST_WORDS_S)
+    written = write(coord, error, **extra)
+    said = float_warnings.line(written.get("fp_warnings", {}))
+    if said:
+        print(f"dni-async: {said}", file=sys.stderr)
 
 
 def write(coord, error: str, **extra) -> dict:
