@@ -113,6 +113,10 @@ def _cmd_reference(args) -> int:
           f"| {summary['wall_seconds']:.1f} s")
     if args.json:
         report.write_json(args.json, summary)
+    from dni_async.measure import float_warnings
+    said = float_warnings.line(summary["fp_warnings"])
+    if said:
+        print(said, file=sys.stderr)
     if summary["diverged"] is not None:
         print(f"dni-async reference: step {summary['diverged']}: {report.DIVERGED}",
               file=sys.stderr)
@@ -171,16 +175,50 @@ def _cmd_keys(args) -> int:
 
 def _cmd_plan(args) -> int:
     from dni_async.runtime import supervisor as launch
-    cfg = config_from_args(args, default_mode="cdni")
-    if not args.run_dir:
-        raise ConfigError("plan needs --run-dir: the folder every process reads config.json from")
-    spec, _ = launch.prepare(cfg, args.run_dir)
+    if args.resume:
+        spec = _plan_resume(args)
+    else:
+        cfg = config_from_args(args, default_mode="cdni")
+        if not args.run_dir:
+            raise ConfigError("plan needs --run-dir: the folder every process reads config.json "
+                              "from")
+        spec, _ = launch.prepare(cfg, args.run_dir)
     path = os.path.join(spec.run_dir, "config.json")
     print(f"wrote {path} (run id {spec.run_id}); start each process, in any order:")
     print(f"  dni-async coordinator {path}")
-    for k in range(cfg.n_stages):
+    for k in range(spec.config.n_stages):
         print(f"  dni-async stage {path} --rank {k}")
     return 0
+
+
+# what `plan --resume` may change: where the processes run, never what they compute
+PLACEMENT = ("transport", "host", "coordinator_host", "stage_hosts", "base_port", "curve_keys",
+             "allow_insecure")
+
+
+def _plan_resume(args):
+    """A resumed run's config.json: the run's own settings and its newest good checkpoint,
+    with new addresses if given (a job that starts again on other nodes)."""
+    from dni_async.config import config_from_dict
+    from dni_async.runtime import supervisor as launch
+    if args.run_dir and os.path.abspath(args.run_dir) != os.path.abspath(args.resume):
+        raise ConfigError(f"--run-dir {args.run_dir} and --resume {args.resume} name different "
+                          "folders: a run resumes in its own")
+    sets = apply_sets({}, args.set)
+    given = [f"--{n.replace('_', '-')}" for n in (*CONFIG_FLAGS, "config")
+             if getattr(args, n, None) is not None and n not in PLACEMENT]
+    given += [f"--set {k}" for k in sets if k not in PLACEMENT]
+    if given:
+        raise ConfigError("--resume continues a run with its own settings; only where its "
+                          f"processes run may change ({', '.join(PLACEMENT)}); drop "
+                          + ", ".join(given))
+    old, ckpt = launch.resume_point(args.resume)
+    placement = {**sets, **{n: getattr(args, n) for n in PLACEMENT
+                            if getattr(args, n, None) is not None}}
+    cfg = config_from_dict({**old.config.to_dict(), **placement})
+    spec, _ = launch.prepare(cfg, args.resume, trace=old.trace, resume_from=ckpt)
+    print(f"resuming {spec.run_dir} from {ckpt}")
+    return spec
 
 
 def build_parser() -> argparse.ArgumentParser:

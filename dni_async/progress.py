@@ -5,7 +5,9 @@ batches (`eval_batches`), a target that ends training once an evaluation reaches
 The one-process reference and the pipeline's coordinator keep one `Progress` each, so their
 curves have the same points and, in lockstep, the same numbers. A curve point is
 `{"batches", "epoch", "seconds", "test_loss", "test_bit_acc", "test_exact_acc"}`, `seconds`
-being training seconds (evaluations excluded); the first point is the untrained network's.
+being training seconds (evaluations excluded) and `epoch` the epochs trained so far (2.5: half
+way through the third; 3.0: the end of epoch 3 as metrics.csv counts it); the first point is
+the untrained network's.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def chance(task: str, output_dim: int) -> dict:
 class Progress:
     def __init__(self, cfg, curve: list | None = None, batches: int = 0):
         self.every = cfg.eval_batches
+        self.batches_per_epoch = cfg.batches_per_epoch()
         self.target = parse_target(cfg.stop_at, "stop_at")
         self.budget_s = cfg.time_budget_s
         self.curve = curve if curve is not None else []   # kept, not copied: a run's state owns it
@@ -83,9 +86,10 @@ class Progress:
             self.stopped = self.stopped or "budget"
         return self.stopped is not None
 
-    def record(self, epoch: int, train_seconds: float, test: dict) -> dict:
+    def record(self, train_seconds: float, test: dict) -> dict:
         """A curve point; marks the run stopped when it reaches the target."""
-        point = {"batches": self.batches, "epoch": epoch, "seconds": train_seconds, **test}
+        point = {"batches": self.batches, "epoch": round(self.batches / self.batches_per_epoch, 4),
+                 "seconds": train_seconds, **test}
         if self.curve and self.curve[-1]["batches"] == self.batches:
             self.curve[-1] = point
         else:

@@ -73,6 +73,42 @@ def test_killed_run_resumes_from_its_last_periodic_checkpoint(no_leftovers):
     same_run(got, uninterrupted())
 
 
+def kill_after_checkpoints(run_dir, *flags):
+    proc = start(run_dir, "--checkpoint-every", "5", *flags)
+    wait_for_checkpoints(run_dir, 2)
+    for pid in procs_mentioning(str(run_dir)):
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
+    remove_ipc_folder(run_dir)
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_killed_gpipe_run_resumes_to_the_uninterrupted_end(no_leftovers):
+    flags = ["--mode", "gpipe", "--micro-batches", "2"]
+    kill_after_checkpoints(no_leftovers, *flags)
+    got, _ = resume(no_leftovers)
+    assert got["batches"] == 60 * 100
+    assert [h["epoch"] for h in got["history"]] == list(range(1, 61))
+    want = reference.train(make_config({"mode": "gpipe", "micro_batches": 2, "epochs": 60}),
+                           log=None)
+    same_run(got, want)      # lockstep: bit for bit
+
+
+def test_killed_cdni_run_resumes_to_the_end_losing_no_target(no_leftovers):
+    kill_after_checkpoints(no_leftovers, "--mode", "cdni")
+    got, _ = resume(no_leftovers)
+    history = got["history"]
+    assert got["batches"] == 60 * 100
+    assert [h["epoch"] for h in history] == list(range(1, 61))
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert history[-1]["loss"] < history[0]["loss"] and got["final"]["train_bit_acc"] > 0.55
+    for st in got["stages"][:-1]:   # every batch's target: applied, dropped, or counted missing
+        c = st["counters"]
+        accounted = (c["targets_applied"] + c["targets_dropped"] + c["targets_missing"]
+                     + st["holding"]["n_pending_targets"])
+        assert accounted == 60 * 100, (st["rank"], c, st["holding"])
+
+
 def test_damaged_checkpoint_is_refused_and_the_previous_one_used(no_leftovers):
     proc = start(no_leftovers, "--checkpoint-every", "5")
     wait_for_checkpoints(no_leftovers, 2)

@@ -64,9 +64,25 @@ def test_sigterm_to_train_alone_stops_everyone(no_leftovers):
     assert not wait_gone(str(no_leftovers), 2.0 - (time.monotonic() - t0))
 
 
-def test_killed_stage_fails_the_run_within_5_s_naming_it(no_leftovers):
+def wait_reported(run_dir, proc, zmq_ctx, timeout=30):
+    """Until every stage's heartbeats have reached the coordinator (its monitor stream says)."""
+    from conftest import wait_for_spec
+    from dni_async.runtime import monitor
+    spec = wait_for_spec(run_dir, proc, settle=0.0)
+    sub = monitor.subscribe(zmq_ctx, spec["endpoints"]["monitor"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sub.poll(200):
+            snap = monitor.decode(sub.recv(), spec["run_id"])
+            if snap and all(st.get("batches") for st in snap["stages"]):
+                return
+    raise AssertionError("no heartbeat from every stage")
+
+
+def test_killed_stage_fails_the_run_within_5_s_naming_it(no_leftovers, zmq_ctx):
     proc = start_train(no_leftovers, *LONG_RUN)
     wait_running(no_leftovers, 4)
+    wait_reported(no_leftovers, proc, zmq_ctx)
     victim = next(p for p in procs_mentioning(str(no_leftovers))
                   if "--rank 1" in open(f"/proc/{p}/cmdline").read().replace("\0", " "))
     t0 = time.monotonic()
@@ -74,6 +90,9 @@ def test_killed_stage_fails_the_run_within_5_s_naming_it(no_leftovers):
     rc, err = finish(proc, 10)
     assert time.monotonic() - t0 < 5
     assert rc != 0 and "stage 1" in err and "last completed step" in err, err
+    failure = json.loads((no_leftovers / "failure.json").read_text())
+    assert failure["failed"] == "stage 1"
+    assert failure["flight"]["stage-1"]["events"], failure     # from its heartbeats, kept by the coordinator
 
 
 def test_stage_that_fails_at_start_is_named(no_leftovers):
@@ -86,6 +105,10 @@ def test_stuck_stage_is_detected_by_application_heartbeats(no_leftovers):
     proc = start_train(no_leftovers, *LONG_RUN, env={"DNI_ASYNC_FAULT": "1:hang:3000"})
     rc, err = finish(proc, 60)
     assert rc != 0 and "stage 1" in err and "silent" in err, err
+    # the hung stage cannot report any more: failure.json has what it said last
+    flight = json.loads((no_leftovers / "failure.json").read_text())["flight"]
+    assert flight["stage-1"]["events"] and flight["stage-1"]["reported_s_ago"] > 3.0
+    assert flight["stage-0"]["reported_s_ago"] < 2.0     # a live stage's final report
 
 
 def test_stages_exit_by_themselves_when_the_coordinator_dies(no_leftovers):
@@ -137,3 +160,17 @@ def test_a_lost_message_ends_the_run_naming_the_step(no_leftovers, mode):
     assert not wait_gone(str(no_leftovers), 5.0)
     failure = json.loads((no_leftovers / "failure.json").read_text())
     assert "29" in failure["open_steps"] and failure["last_completed_step"] >= 0
+    # the flight record: every process's last events, and what it was holding
+    flight = failure["flight"]
+    assert flight["coordinator"]["holding"]["open_steps"] == failure["open_steps"]
+    assert any(e.endswith("out fwd 29 to stage-0") for e in flight["coordinator"]["events"])
+    events = {k: flight[f"stage-{k}"]["events"] for k in range(3)}
+    assert all(events.values()), flight
+    assert any(e.endswith("in  fwd 29 from stage-0") for e in events[1])
+    assert any(e.endswith("dropped fwd 29 to stage-2") for e in events[1])
+    assert not any(" fwd 29 " in e for e in events[2])      # the edge where it stopped
+    holding = {k: flight[f"stage-{k}"]["holding"] for k in range(3)}
+    if mode == "cdni":      # stage 1 still waits for the generator target of step 29
+        assert 29 in holding[1]["pending_targets"] and holding[0]["held"] == []
+    else:                   # the lockstep waiting table: both stages hold step 29
+        assert 29 in holding[0]["held"] and 29 in holding[1]["held"]

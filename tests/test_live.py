@@ -24,7 +24,7 @@ def snapshot(state="running", in_flight=1, seq=0, glimpse=None):
                        "targets_dropped": 0, "age_s": 0.1})
     snap = {"v": 1, "run": "r1", "seq": seq, "time": 0.0, "state": state, "mode": "backprop",
             "n_stages": 3, "epochs": 10, "batches_per_epoch": 20, "batch_size": 10,
-            "max_in_flight": 1, "epoch": 2, "batch": 7, "completed_batches": 47 + seq,
+            "max_in_flight": 1, "epoch": 3, "batch": 7, "completed_batches": 47 + seq,
             "in_flight": in_flight, "samples_per_s": 1234.0, "elapsed_s": 12.0, "loss": 0.5,
             "bit_acc": 0.6, "exact_acc": 0.1, "test_bit_acc": 0.55, "test_exact_acc": 0.05,
             "recent": [[0, 0.9, 0.5, 0.5], [1, 0.7, 0.55, 0.52]], "bad_messages": 0,

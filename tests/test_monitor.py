@@ -54,7 +54,7 @@ def test_stream_agrees_with_the_summary(no_leftovers, zmq_ctx, mode):
     for s in snaps:
         assert s["mode"] == mode and s["n_stages"] == len(summary["stages"])
         assert 0 <= s["in_flight"] <= s["max_in_flight"] * (cfg["micro_batches"] if mode == "gpipe" else 1)
-        assert 0 <= s["epoch"] < cfg["epochs"]
+        assert 1 <= s["epoch"] <= cfg["epochs"]     # counted from 1, as metrics.csv
         for st in s["stages"]:
             assert set(st["shares"]) <= set(CATEGORIES)
             assert all(0.0 <= v <= 1.0 for v in st["shares"].values())
@@ -65,7 +65,7 @@ def test_stream_agrees_with_the_summary(no_leftovers, zmq_ctx, mode):
         assert st["busy"] == pytest.approx(final["busy"] / final["wall"], abs=1e-6)
     last = summary["history"][-1]
     assert snaps[-1]["test_bit_acc"] == pytest.approx(last["test_bit_acc"])
-    assert snaps[-1]["recent"][-1][0] == last["epoch"]
+    assert snaps[-1]["recent"][-1][0] == last["epoch"] == snaps[-1]["epoch"] == cfg["epochs"]
     if mode == "cdni":
         lags = [st["lag_max"] for st in snaps[-1]["stages"][:-1]]
         assert lags == [s["counters"]["target_lag_max"] for s in summary["stages"][:-1]]

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, cli, need
 from dni_async.oneprocess import reference
 from dni_async.config import make_config
+from dni_async.runtime import checkpoint
 
 SETTINGS = {"mode": "backprop", "epochs": 30, "preset": "tiny"}
 
@@ -161,3 +162,56 @@ def test_slurm_task_script_maps_ranks_to_processes(tmp_path):
         end_all(procs)
     assert codes == [0, 0, 0, 0], [p.stderr.read() for p in procs]
     assert (tmp_path / "summary.json").exists() and (tmp_path / "stage-2.npz").exists()
+
+
+def test_a_run_started_by_hand_resumes_elsewhere_from_plan_resume(tmp_path):
+    """Killed after two periodic checkpoints, planned again with `plan --resume` on other
+    addresses and ports (a job that starts again on other nodes), started by hand: it ends as
+    the uninterrupted run does."""
+    epochs = 300
+    path = plan(tmp_path, "127.0.0.1", ["127.0.0.2", "127.0.0.3", "127.0.0.4"],
+                extra=["--epochs", str(epochs), "--checkpoint-every", "20"])
+    coord, stages = start_all(path, 3)
+    try:
+        deadline = time.monotonic() + 60
+        while len(checkpoint.candidates(str(tmp_path))) < 2 or not os.path.exists(
+                os.path.join(checkpoint.candidates(str(tmp_path))[0], checkpoint.MANIFEST)):
+            assert time.monotonic() < deadline and coord.poll() is None, "no checkpoints"
+            time.sleep(0.05)
+    finally:
+        end_all([coord, *stages])            # SIGKILL: nothing more is saved
+    assert not (tmp_path / "summary.json").exists()
+    for _ in range(5):
+        base = random.randint(20000, 60000)
+        r = cli("plan", "--resume", tmp_path, "--run-dir", tmp_path, "--transport", "tcp",
+                "--set", "coordinator_host=127.0.0.5",
+                "--set", "stage_hosts=127.0.0.6,127.0.0.7,127.0.0.8", "--set", f"base_port={base}")
+        if r.returncode == 0 or "in use" not in r.stderr:
+            break
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {tmp_path} from {tmp_path}/checkpoints/step-" in r.stdout
+    commands = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("  dni-async ")]
+    assert [c[0] for c in commands] == ["coordinator", "stage", "stage", "stage"]
+    spec = json.loads(open(path).read())
+    assert spec["endpoints"]["fwd_in"][2] == f"tcp://127.0.0.8:{base + 14}"
+    assert spec["config"]["epochs"] == epochs and spec["resume_from"]
+    coord, stages = start_all(path, 3)
+    try:
+        assert coord.wait(timeout=120) == 0, coord.stderr.read()
+        assert all(s.wait(timeout=10) == 0 for s in stages)
+    finally:
+        end_all([coord, *stages])
+    got = json.loads((tmp_path / "summary.json").read_text())
+    want = reference.train(make_config({"mode": "backprop", "epochs": epochs}, preset="tiny"),
+                           log=None)
+    assert got["weights_sha256"] == want["weights_sha256"]
+    assert [h["epoch"] for h in got["history"]] == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--epochs", "5"], "drop --epochs"),
+    (["--set", "lr=0.5"], "drop --set lr"),
+    (["--run-dir", "/elsewhere"], "name different folders")])
+def test_plan_resume_changes_only_where_processes_run(tmp_path, flags, needle):
+    r = cli("plan", "--resume", tmp_path, *flags)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr

@@ -27,7 +27,7 @@ def train_with_fidelity(cfg, every: int = 1, log=None) -> dict:
                "loss": h["loss"]} for h in s["history"]]
     if log:
         for h in s["history"]:
-            log(f"{cfg.mode} epoch {h['epoch'] + 1}/{cfg.epochs}: train acc "
+            log(f"{cfg.mode} epoch {h['epoch']}/{cfg.epochs}: train acc "
                 f"{h['train_bit_acc']:.4f} held-out {h['test_bit_acc']:.4f}  cos(synthetic, true) "
                 "per stage " + " ".join(f"{c:+.3f}" for c in h.get("fidelity_cos", [])), flush=True)
     return {"config": s["config"], "rows": [{**r, "epoch": r["step"] / bpe} for r in s["fidelity"]],

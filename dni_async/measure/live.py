@@ -241,7 +241,7 @@ def render(feed: Feed, width: int = 160, log_lines: int = 4):
              "failed": " · FAILED"}[s["state"]]
     head = Text.assemble(
         (f"{s['mode']}", "bold"), f" · {s['n_stages']} stage processes · epoch ",
-        (f"{s['epoch'] + 1}/{s['epochs']}", "bold"),
+        (f"{s['epoch']}/{s['epochs']}", "bold"),
         f" · batch {s['batch']}/{s['batches_per_epoch']} · in flight ",
         (f"{s['in_flight']}/{s['max_in_flight']}", "bold"),
         f" · {rate:,.0f} samples/s · {_duration(s['elapsed_s'])} elapsed"
@@ -306,7 +306,7 @@ def plain_line(s: dict) -> str:
         f"stage {st['rank']} busy {st['busy']:.0%} wait {st['shares'].get('wait', 0):.0%}"
         for st in s["stages"])
     loss = "-" if s["loss"] is None else f"{s['loss']:.5f}"
-    return (f"live: {s['state']} epoch {s['epoch'] + 1}/{s['epochs']} batch "
+    return (f"live: {s['state']} epoch {s['epoch']}/{s['epochs']} batch "
             f"{s['completed_batches']:,}/{total:,} in flight {s['in_flight']}/"
             f"{s['max_in_flight']} {s['samples_per_s']:,.0f} samples/s loss {loss} | {stages}")
 
@@ -392,7 +392,7 @@ class ProgressView(View):
         if self.feed.poll(timeout_s):
             s = self.feed.snap
             loss = "" if s["loss"] is None else f"loss {s['loss']:.5f}"
-            self.progress.update(self.task, description=f"{s['mode']} epoch {s['epoch'] + 1}/"
+            self.progress.update(self.task, description=f"{s['mode']} epoch {s['epoch']}/"
                                  f"{s['epochs']}", total=s["epochs"] * s["batches_per_epoch"],
                                  completed=s["completed_batches"],
                                  extra=f"{s['samples_per_s']:,.0f} samples/s  {loss}")

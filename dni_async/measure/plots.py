@@ -277,7 +277,7 @@ def curve_points(s: dict, metric: str) -> list:
     if metric.startswith("test_") and s.get("curve"):
         return [(p.get("epoch"), p.get("seconds"), p[metric]) for p in s["curve"]
                 if p.get(metric) is not None]
-    return [(h["epoch"] + 1, h["seconds"], h[metric]) for h in s.get("history", [])
+    return [(h["epoch"], h["seconds"], h[metric]) for h in s.get("history", [])
             if h.get(metric) is not None]
 
 

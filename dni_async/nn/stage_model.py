@@ -58,8 +58,10 @@ class StageModel:
         self.pending: OrderedDict[int, tuple] = OrderedDict()
         # target_lag: how many of this stage's own updates happened between predicting a
         # synthetic gradient and learning its target (0 in the reference; the staleness)
+        # targets_missing: pending when a checkpoint was taken (a run resumed from it never
+        # gets them; runtime/stage_snapshot.py)
         self.counters = {"targets_applied": 0, "targets_dropped": 0, "targets_unknown": 0,
-                         "target_lag_sum": 0, "target_lag_max": 0}
+                         "targets_missing": 0, "target_lag_sum": 0, "target_lag_max": 0}
         self.updates = 0
         self.accum = None                 # gpipe: [batch, summed grads, rows, micro-batches]
         self.evicted: OrderedDict[int, None] = OrderedDict()   # steps dropped from `pending`

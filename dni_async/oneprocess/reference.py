@@ -16,6 +16,7 @@ from collections import deque
 import numpy as np
 
 from dni_async import report
+from dni_async.measure.float_warnings import FloatWarnings
 from dni_async.config import Config
 from dni_async.nn import metrics, network, stage_model
 from dni_async.nn.modes import Op, mode_of
@@ -146,7 +147,16 @@ def evaluate(models, cfg: Config, x, y, chunk: int | None = None) -> dict:
 
 def train(cfg: Config, log=print, on_epoch=None) -> dict:
     """Train in one process; returns the run summary (the same keys `train` writes).
-    `progress(epochs_done)`, when given, is called after every epoch (a progress bar)."""
+    `progress(epochs_done)`, when given, is called after every epoch (a progress bar).
+    numpy's floating-point warnings are counted (`fp_warnings`), not printed."""
+    fp = FloatWarnings()
+    with fp.counting():
+        summary = _train(cfg, log, on_epoch)
+    summary["fp_warnings"] = {"reference": fp.as_dict()} if fp.counts else {}
+    return summary
+
+
+def _train(cfg: Config, log, on_epoch) -> dict:
     wall0 = time.perf_counter()
     ds, rng = network.load_data_and_rng(cfg)
     network.resolve_dims(cfg, ds)
@@ -158,14 +168,14 @@ def train(cfg: Config, log=print, on_epoch=None) -> dict:
     progress = Progress(cfg)
     fidelity = [] if cfg.fidelity_every and runner.every_stage_synthetic else None
 
-    def held_out(epoch: int, seconds: float) -> dict:
+    def held_out(seconds: float) -> dict:
         test = metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")
-        progress.record(epoch, seconds, test)
+        progress.record(seconds, test)
         return test
 
     diverged = None     # the step at which the loss stopped being a number
     if progress.starting():
-        held_out(0, 0.0)
+        held_out(0.0)
     for epoch in range(cfg.epochs):
         t0, eval_s, done = time.perf_counter(), 0.0, 0
         sums = metrics.empty()
@@ -181,7 +191,7 @@ def train(cfg: Config, log=print, on_epoch=None) -> dict:
                 break
             if progress.trained_one():
                 t1 = time.perf_counter()
-                held_out(epoch, train_seconds + t1 - t0 - eval_s)
+                held_out(train_seconds + t1 - t0 - eval_s)
                 eval_s += time.perf_counter() - t1
                 if progress.stopped:
                     break
@@ -193,8 +203,9 @@ def train(cfg: Config, log=print, on_epoch=None) -> dict:
         if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1 or progress.stopped:
             point = progress.point_at(progress.batches)
             test = ({k: v for k, v in point.items() if k.startswith("test_")} if point
-                    else held_out(epoch, train_seconds))
-        row = report.history_row(epoch, sums, test, train_seconds, done * bs / dt if dt else 0.0)
+                    else held_out(train_seconds))
+        row = report.history_row(epoch + 1, sums, test, train_seconds,
+                                 done * bs / dt if dt else 0.0)
         if fidelity is not None and len(fidelity) > first:   # per stage, this epoch's means
             for key in ("cos", "rel", "target_cos"):
                 row[f"fidelity_{key}"] = np.mean([r[key] for r in fidelity[first:]],
@@ -210,7 +221,7 @@ def train(cfg: Config, log=print, on_epoch=None) -> dict:
             break
     final = {**metrics.summarize(evaluate(models, cfg, ds.x_train, ds.y_train), "train"),
              **metrics.summarize(evaluate(models, cfg, ds.x_test, ds.y_test), "test")}
-    progress.record(len(history) - 1 if history else 0, train_seconds,
+    progress.record(train_seconds,
                     {k: v for k, v in final.items() if k.startswith("test_")})
     return {
         "kind": "reference",

@@ -8,8 +8,9 @@ so a folder without a manifest is an unfinished checkpoint and a file whose hash
 the manifest is a damaged one; both are refused, and the previous checkpoint is used instead.
 
 The coordinator takes a checkpoint only when no batch is in flight, so in lockstep modes the
-snapshot is exactly the state an uninterrupted run has at that step. In dni/cdni, generator
-targets still on the wire at that moment are not part of it (they are dropped on resume).
+snapshot is exactly the state an uninterrupted run has at that step. In dni/cdni, each stage
+first takes in the generator targets still on their way, and counts in its file any that do
+not come (`stage_snapshot.py`).
 """
 
 from __future__ import annotations

@@ -16,8 +16,11 @@ import time
 
 import zmq
 
-from dni_async.runtime import wire
+from dni_async.runtime import flight, wire
 from dni_async.runtime.monitor import absorb
+
+
+LINKS = ("fwd_in", "grad_in", "fwd_out", "grad_out")   # a heartbeat's recent steps per link
 
 
 class StageLost(RuntimeError):
@@ -25,7 +28,7 @@ class StageLost(RuntimeError):
 
 
 class ControlPlane:
-    def __init__(self, ctx, spec, curve=None):
+    def __init__(self, ctx, spec, curve=None, recorder: flight.FlightRecorder | None = None):
         self.spec, self.cfg, self.n = spec, spec.config, spec.config.n_stages
         self.socket = wire.socket(ctx, zmq.ROUTER, max_msg_bytes=1 << 20)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -43,6 +46,8 @@ class ControlPlane:
         self.seen: dict[int, dict] = {}      # each stage's last heartbeat: steps in and out
         self.live: dict[int, dict] = {}      # from heartbeats, for the monitor: per-category
                                              # time deltas not yet published, counts, glimpses
+        self.reports = flight.Reports()      # each stage's latest flight report
+        self.recorder = recorder or flight.FlightRecorder()   # the coordinator's own events
         self.bad_messages = 0
         self.next_beat = float("inf")        # no heartbeats before the start
 
@@ -52,6 +57,8 @@ class ControlPlane:
             self.socket.send_multipart([f"stage-{rank}".encode(), *frames])
         except zmq.ZMQError as exc:   # unroutable (stage gone) or send timeout
             raise StageLost(f"stage {rank} is unreachable ({exc.strerror})") from None
+        if kind != "heartbeat":
+            self.recorder.note("out", f"stage-{rank}", kind, -1)
 
     def broadcast(self, kind: str, meta=None) -> None:
         for k in range(self.n):
@@ -79,18 +86,22 @@ class ControlPlane:
             self.bad_messages += 1
             return
         self.last_seen[rank] = time.monotonic()
+        if msg.kind != "heartbeat":
+            self.recorder.note("in", f"stage-{rank}", msg.kind, msg.step)
         if msg.kind == "hello":
             self.pids[rank] = msg.meta.get("pid")
         elif msg.kind == "stats" and _valid_stats(msg.meta):
             self.stats[rank] = msg.meta
+            self.reports.absorb(rank, msg.meta)
         elif msg.kind == "ack" and all(isinstance(msg.meta.get(k), str) for k in ("file", "sha256")):
             self.acks[rank] = msg.meta
         elif msg.kind == "error":
             raise StageLost(f"stage {rank} failed: {msg.meta.get('message', '?')}")
         elif msg.kind == "heartbeat":
-            self.seen[rank] = {k: v for k, v in msg.meta.items()
-                               if isinstance(v, list) and all(type(s) is int for s in v)}
+            self.seen[rank] = {k: v for k, v in msg.meta.items() if k in LINKS
+                               and isinstance(v, list) and all(type(s) is int for s in v)}
             absorb(self.live, rank, msg.meta)
+            self.reports.absorb(rank, msg.meta)
         else:
             self.bad_messages += 1
 
@@ -108,6 +119,24 @@ class ControlPlane:
             if now - self.last_seen.get(k, now) > self.cfg.peer_timeout_s:
                 raise StageLost(f"stage {k} has been silent for {now - self.last_seen[k]:.1f} s "
                                 f"(last completed step {last_step})")
+
+    def last_words(self, wait_s: float) -> None:
+        """After a failure: tell every stage to stop, and wait up to `wait_s` for the final
+        report of each one that can still answer (its events then end at the failure)."""
+        asked = []
+        for k in range(self.n):
+            try:
+                self.to_stage(k, "stop")
+                asked.append(k)
+            except StageLost:
+                pass
+        deadline = time.monotonic() + wait_s
+        while any(k not in self.stats for k in asked) and time.monotonic() < deadline:
+            if self.socket.poll(50):
+                try:
+                    self.on_message()
+                except StageLost:
+                    pass
 
     def missing(self, have: dict) -> list:
         return sorted(set(range(self.n)) - set(have))

@@ -27,10 +27,12 @@ from dni_async.config import ConfigError
 from dni_async.measure.clock import Clock
 from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
-from dni_async.runtime import summary, wire
+from dni_async.measure.float_warnings import FloatWarnings
+from dni_async.runtime import failure, summary, wire
 from dni_async.runtime.control import ControlPlane, StageLost, trail
 from dni_async.runtime.credits import OpenSteps
 from dni_async.runtime.evaluation import Evaluations, Interrupted
+from dni_async.runtime.flight import FlightRecorder
 from dni_async.runtime.monitor import Monitor
 from dni_async.runtime.run_state import RunState, take_checkpoint
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec, release_ipc
@@ -51,6 +53,8 @@ class Coordinator:
         self.n = self.cfg.n_stages
         self.ds, _ = network.load_data_and_rng(self.cfg)
         self.clock = Clock(record_spans=spec.trace)
+        self.recorder = FlightRecorder()     # its own message events, for failure.json
+        self.fp = FloatWarnings()
         self.bad_messages = 0
         self.credits = OpenSteps(mode_of(self.cfg), self.cfg)
         self.state = RunState.restore(spec.resume_from) if spec.resume_from else RunState()
@@ -73,7 +77,7 @@ class Coordinator:
         if self.cfg.curve_keys:
             self.curve = Curve(self.cfg.curve_keys, "coordinator")
             self.curve.start(self.ctx)
-        self.control = ControlPlane(self.ctx, self.spec, self.curve)
+        self.control = ControlPlane(self.ctx, self.spec, self.curve, self.recorder)
         self.results = wire.socket(self.ctx, zmq.PULL, max_msg_bytes=1 << 20)
         self.feed = wire.socket(self.ctx, zmq.PUSH)
         self.feed.setsockopt(zmq.SNDTIMEO, int(self.cfg.peer_timeout_s * 1000))
@@ -111,6 +115,7 @@ class Coordinator:
                 what = "batch" if kind == "fwd" else "evaluation batch"
                 raise StageLost(f"stage 0 took no {what} for "
                                 f"{self.cfg.peer_timeout_s:.0f} s") from None
+        self.recorder.note("out", "stage-0", kind, step)
 
     def _on_result(self) -> None:
         frames = wire.recv_frames(self.results, 0)
@@ -124,6 +129,8 @@ class Coordinator:
         if self.curve and self.curve.refuses(frames[0], *self.results_from.get(msg.kind, ())):
             self.bad_messages += 1      # under CURVE: not from the stage that sends this kind
             return
+        self.recorder.note("in", "stage-0" if msg.kind == "done" else f"stage-{self.n - 1}",
+                           msg.kind, msg.step)
         if msg.kind == "evalres":
             ok = self.evals.on_result(msg.step, msg.meta.get("sums"))
         elif msg.kind in ("loss", "done") and self.credits.expects(msg.kind, msg.step):
@@ -201,7 +208,7 @@ class Coordinator:
             st.next_batch += 1
             if pr.trained_one():
                 self._drain_credits()
-                self._held_out(epoch, st.train_seconds + self._seconds_since(t0))
+                self._held_out(st.train_seconds + self._seconds_since(t0))
                 if pr.stopped:
                     break
         self._drain_credits()   # every batch sent is finished
@@ -211,13 +218,13 @@ class Coordinator:
         """Training seconds since t0: evaluations do not count."""
         return time.perf_counter() - t0 - self.eval_seconds
 
-    def _held_out(self, epoch: int, train_seconds: float) -> dict:
+    def _held_out(self, train_seconds: float) -> dict:
         """Evaluate the held-out set now and add it to the curve; its metrics."""
         t0 = time.perf_counter()
         self.state.n_eval += 1
         test = metrics.summarize(self.evals.run(self.ds.x_test, self.ds.y_test,
                                                 self.state.n_eval), "test")
-        self.progress.record(epoch, train_seconds, test)
+        self.progress.record(train_seconds, test)
         self.eval_seconds += time.perf_counter() - t0
         return test
 
@@ -229,7 +236,7 @@ class Coordinator:
         every = report.log_every(cfg)
         try:
             if pr.starting():          # where training starts, for targets above it
-                self._held_out(st.epoch, st.train_seconds)
+                self._held_out(st.train_seconds)
             while st.epoch < cfg.epochs and not pr.stopped:
                 epoch = st.epoch
                 if st.next_batch == 0:
@@ -248,8 +255,8 @@ class Coordinator:
                     # interrupted here: the epoch's training is done; resuming redoes its eval
                     point = pr.point_at(pr.batches)
                     test = ({k: point[k] for k in point if k.startswith("test_")} if point
-                            else self._held_out(epoch, st.train_seconds))
-                row = report.history_row(epoch, st.epoch_sums, test, st.train_seconds,
+                            else self._held_out(st.train_seconds))
+                row = report.history_row(epoch + 1, st.epoch_sums, test, st.train_seconds,
                                          (st.next_batch - first) * cfg.batch_size / dt
                                          if dt else 0.0)
                 st.history.append(row)
@@ -266,7 +273,7 @@ class Coordinator:
             final = {
                 **metrics.summarize(self.evals.run(ds.x_train, ds.y_train, st.n_eval + 1), "train"),
                 **metrics.summarize(self.evals.run(ds.x_test, ds.y_test, st.n_eval + 2), "test")}
-            pr.record(max(st.epoch - 1, 0), st.train_seconds,
+            pr.record(st.train_seconds,
                       {k: v for k, v in final.items() if k.startswith("test_")})
         except Interrupted:
             self.checkpoint()
@@ -277,10 +284,10 @@ class Coordinator:
         return summary.build(self, final, time.perf_counter() - wall0)
 
     def _log_row(self, log, row: dict, every: int) -> None:
-        epoch, history = row["epoch"], self.state.history
+        epoch, history = row["epoch"], self.state.history     # counted from 1
         if log and report.diverged(row) and (len(history) < 2 or not report.diverged(history[-2])):
-            log(f"epoch {epoch + 1}: {report.DIVERGED}", flush=True)
-        if log and ((epoch + 1) % every == 0 or epoch == self.cfg.epochs - 1):
+            log(f"epoch {epoch}: {report.DIVERGED}", flush=True)
+        if log and (epoch % every == 0 or epoch == self.cfg.epochs):
             log(report.format_row(row, self.cfg.epochs), flush=True)
 
     def checkpoint(self) -> str:
@@ -335,7 +342,8 @@ def main(spec_path: str) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     last_step = lambda: coord.credits.completed_batches - 1   # noqa: E731
     try:
-        result = coord.run()
+        with coord.fp.counting():
+            result = coord.run()
         if result is None:
             coord.publish("interrupted")
             report.write_json(os.path.join(spec.run_dir, "stopped.json"),
@@ -349,9 +357,7 @@ def main(spec_path: str) -> int:
     except Diverged as exc:
         coord.publish("failed")
         print(f"dni-async: {exc}", file=sys.stderr)
-        report.write_json(os.path.join(spec.run_dir, "failure.json"),
-                          {"error": str(exc), "diverged": True, "last_completed_step": last_step()})
-        coord.control.try_stop_all()
+        failure.conclude(coord, str(exc), diverged=True)
         return EXIT_DIVERGED
     except StageLost as exc:
         coord.publish("failed")
@@ -359,12 +365,7 @@ def main(spec_path: str) -> int:
             print(f"dni-async: coordinator: could not stop in order: {exc}", file=sys.stderr)
         else:
             print(f"dni-async: {exc}", file=sys.stderr)
-        report.write_json(os.path.join(spec.run_dir, "failure.json"),
-                          {"error": str(exc), "last_completed_step": last_step(),
-                           "open_steps": {str(s): sorted(w) for s, w in coord.credits.open.items()},
-                           "stages_last_seen": {f"stage-{k}": v
-                                                for k, v in sorted(coord.control.seen.items())}})
-        coord.control.try_stop_all()
+        failure.conclude(coord, str(exc))
         return EXIT_STAGE_LOST
     except KeyboardInterrupt:
         coord.publish("interrupted")

@@ -11,7 +11,8 @@ A snapshot (`v` 1):
     seq, time         a counter from 0; Unix seconds when it was taken
     state             "running", then once "done", "interrupted" or "failed"
     mode, n_stages, epochs, batches_per_epoch, batch_size, max_in_flight
-    epoch, batch      the epoch being trained (0-based) and its next batch (0..batches_per_epoch)
+    epoch, batch      the epoch being trained (counted from 1, as in metrics.csv) and its next
+                      batch (0..batches_per_epoch)
     completed_batches batches finished since the start (all of them at "done")
     in_flight         steps sent and not yet finished (the credits in use)
     samples_per_s     over the last few seconds; elapsed_s: seconds since the coordinator began
@@ -170,7 +171,7 @@ class Monitor:
             "state": state, "mode": cfg.mode, "n_stages": coord.n, "epochs": cfg.epochs,
             "batches_per_epoch": cfg.batches_per_epoch(), "batch_size": cfg.batch_size,
             "max_in_flight": credits.limit // credits.pieces,
-            "epoch": min(st.epoch, cfg.epochs - 1) if st.next_batch == 0 else st.epoch,
+            "epoch": (min(st.epoch, cfg.epochs - 1) if st.next_batch == 0 else st.epoch) + 1,
             "batch": st.next_batch, "completed_batches": done, "in_flight": len(credits),
             "samples_per_s": rate, "elapsed_s": now - self.started,
             "loss": running.get("train_loss"), "bit_acc": running.get("train_bit_acc"),

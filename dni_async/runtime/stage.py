@@ -22,12 +22,12 @@ import zmq
 
 from dni_async.config import ConfigError, parse_slow_stage
 from dni_async.measure.clock import Clock
+from dni_async.measure.float_warnings import FloatWarnings, line as fp_line
 from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
-from dni_async.runtime import checkpoint
+from dni_async.runtime import checkpoint, stage_report, stage_snapshot
 from dni_async.runtime.faults import Fault
-from dni_async.runtime.monitor import beat_extras
 from dni_async.runtime.replay import Replays
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
 from dni_async.runtime.stage_links import RECENT, PeerLost, StageLinks
@@ -52,6 +52,7 @@ class Stage:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"stage {rank}: cannot resume from {path}: {exc}") from None
         self.clock = Clock(record_spans=spec.trace)
+        self.fp = FloatWarnings()
         self.batches = 0
         # the recent steps received on each link, reported in heartbeats: where a lost step was
         self.seen = {"fwd_in": deque(maxlen=RECENT), "grad_in": deque(maxlen=RECENT)}
@@ -129,21 +130,17 @@ class Stage:
             ready = dict(poller.poll(int(timeout_s * 1000)))
         now = time.monotonic()
         if now >= self.next_beat:
-            links.send(links.control, "heartbeat",
-                       meta={"batches": self.batches,
-                             **{k: list(v) for k, v in (*self.seen.items(), *links.sent.items())},
-                             **beat_extras(self.clock, len(self.program.held),
-                                           len(self.model.pending), self.model.counters)})
+            links.send(links.control, "heartbeat", meta=stage_report.heartbeat(self))
             self.next_beat = now + self.cfg.heartbeat_s
         if links.control in ready:
             self._on_control()
+            if self.stopping:    # its final report is sent: nothing more is handled
+                return
         # every gradient that has arrived before the next batch: they unblock lockstep, and a
         # generator that learns its targets as soon as they are here learns from fresher ones
         if links.grad_in is not None and links.grad_in in ready:
             for _ in range(GRADIENTS_PER_BATCH):
-                msg = links.recv(links.grad_in)
-                if msg is not None:
-                    self._on_grad(msg)
+                self._take_gradient(links.grad_in)
                 if not links.grad_in.poll(0):
                     break
         if links.fwd_in in ready and self.program.ready_for_batch():
@@ -178,9 +175,13 @@ class Stage:
         folder = checkpoint.folder(self.spec.run_dir, step)
         name = f"stage-{self.rank}.npz"
         control = self.links.control
+        stage_snapshot.settle(self.program.held, self.model.pending, self.links.grad_in,
+                              self._take_gradient, min(stage_snapshot.SETTLE_S,
+                                                       self.cfg.peer_timeout_s / 3))
         try:
             os.makedirs(folder, exist_ok=True)
-            digest = checkpoint.save_arrays(os.path.join(folder, name), self.model.snapshot())
+            digest = checkpoint.save_arrays(os.path.join(folder, name),
+                                            stage_snapshot.arrays(self.model))
             self.links.send(control, "ack", meta={"file": name, "sha256": digest, "dir": folder})
         except OSError as exc:
             self.links.send(control, "error", meta={"message": f"checkpoint failed: {exc}"})
@@ -189,22 +190,11 @@ class Stage:
         """Save the final weights, report, and leave the loop."""
         checkpoint.save_arrays(os.path.join(self.spec.run_dir, f"stage-{self.rank}.npz"),
                                self.model.arrays())
-        stats = {
-            "rank": self.rank, "pid": os.getpid(), "batches": self.batches,
-            "weights_sha256": self.model.weights_sha256(),
-            "times": self.clock.totals, "cpu_times": self.clock.cpu,
-            "wall": self.clock.elapsed(), "busy": self.clock.busy(),
-            "bad_messages": self.bad_messages, "counters": self.model.counters,
-            "refused": {"wrong_key": self.links.refused_keys, "replayed": self.replays.refused},
-            "generator_sq_error": self.model.generator_sq_error,
-            "lag_histogram": {str(k): v for k, v in sorted(self.lags.items())},
-            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-        }
         if self.spec.trace:
             from dni_async.measure import trace
             trace.write_spans(self.spec.run_dir, f"stage-{self.rank}", os.getpid(),
                               self.clock.spans)
-        self.links.send(self.links.control, "stats", meta=stats)
+        self.links.send(self.links.control, "stats", meta=stage_report.final(self))
         self.stopping = True
 
     # -- data plane -----------------------------------------------------------------------
@@ -248,6 +238,11 @@ class Stage:
             self.links.send_data("evalres", msg.step, meta={**msg.meta, "sums": sums})
         else:
             self.links.send_data("eval", msg.step, [h, y], meta=msg.meta)
+
+    def _take_gradient(self, sock) -> None:
+        msg = self.links.recv(sock)
+        if msg is not None:
+            self._on_grad(msg)
 
     def _on_grad(self, msg) -> None:
         if not self._accept(msg, ("grad",), (self.cfg.widths[self.rank + 1],)):
@@ -301,9 +296,13 @@ def main(spec_path: str, rank: int) -> int:
         print(f"stage {rank}: cannot open its sockets: {exc}", file=sys.stderr)
         return 1
     try:
-        return stage.run()
+        with stage.fp.counting():
+            return stage.run()
     except PeerLost as exc:
         print(f"dni-async: {exc}; exiting", file=sys.stderr)
+        said = fp_line({f"stage {rank}": stage.fp.as_dict()})   # nobody else will say it
+        if said:
+            print(f"dni-async: {said}", file=sys.stderr)
         return EXIT_PEER_LOST
     except KeyboardInterrupt:
         return 130

@@ -21,6 +21,7 @@ import zmq
 from collections import deque
 
 from dni_async.runtime import wire
+from dni_async.runtime.flight import FlightRecorder
 from dni_async.runtime.runspec import release_ipc
 from dni_async.runtime.security import Curve
 
@@ -39,6 +40,7 @@ class StageLinks:
         self.bad_messages = 0
         self.sent = {"fwd_out": deque(maxlen=RECENT), "grad_out": deque(maxlen=RECENT)}
         self.drop_next = None      # fault injection: the step whose message on is discarded
+        self.recorder = FlightRecorder()     # the last message events, sent with heartbeats
         ep, k, last = spec.endpoints, rank, rank == spec.config.n_stages - 1
         self.ctx = wire.make_context()
         socks = []
@@ -92,6 +94,11 @@ class StageLinks:
         # where each kind of message a stage's program sends goes
         self.route = {"fwd": self.fwd_out, "grad": self.grad_out, "loss": self.results,
                       "done": self.results, "evalres": self.results, "eval": self.fwd_out}
+        # who is at the other end of each socket, for the flight recorder
+        self.peer = {self.fwd_in: f"stage-{k - 1}" if k > 0 else "coordinator",
+                     self.grad_in: f"stage-{k + 1}", self.fwd_out: f"stage-{k + 1}",
+                     self.grad_out: f"stage-{k - 1}", self.results: "coordinator",
+                     self.control: "coordinator"}
 
     def close(self) -> None:
         if self.curve:
@@ -107,11 +114,14 @@ class StageLinks:
             except zmq.Again:
                 raise PeerLost(f"stage {self.rank}: a peer took no {kind} message for "
                                f"{self.cfg.peer_timeout_s:.0f} s") from None
+        if kind != "heartbeat":
+            self.recorder.note("out", self.peer[sock], kind, step)
 
     def send_data(self, kind, step, arrays=(), meta=None) -> None:
         """A data-plane message, to wherever its kind goes."""
         if step == self.drop_next and kind in ("fwd", "loss"):
             self.drop_next = None
+            self.recorder.note("dropped", self.peer[self.route[kind]], kind, step)
             return
         self.send(self.route[kind], kind, step, arrays, meta)
         if kind in ("fwd", "grad"):
@@ -128,10 +138,13 @@ class StageLinks:
                 self.bad_messages += 1
                 return None
         try:
-            return wire.decode(frames, self.spec.run_id, max_array_bytes=self.max_array_bytes)
+            msg = wire.decode(frames, self.spec.run_id, max_array_bytes=self.max_array_bytes)
         except wire.WireError:
             self.bad_messages += 1
             return None
+        if msg is not None and msg.kind != "heartbeat":
+            self.recorder.note("in", self.peer[sock], msg.kind, msg.step)
+        return msg
 
     @property
     def refused_keys(self) -> int:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 
 from dni_async import report
+from dni_async.runtime import failure
+
+FLIGHT_KEYS = ("flight",)     # a stage's final report has its events for failure.json
 
 
 def build(coord, final: dict, wall: float) -> dict:
     cfg, st, spec = coord.cfg, coord.state, coord.spec
-    stages = [coord.control.stats[k] for k in range(coord.n)]
+    stages = [{k: v for k, v in coord.control.stats[rank].items() if k not in FLIGHT_KEYS}
+              for rank in range(coord.n)]
     total_samples = coord.progress.batches * cfg.batch_size
     return {
         "kind": "pipeline",
@@ -35,6 +39,7 @@ def build(coord, final: dict, wall: float) -> dict:
                     **{f"stage-{s['rank']}": s.get("refused", {}) for s in stages}},
         "coordinator_times": coord.clock.totals,
         "checkpoint_seconds": coord.checkpoints,
+        "fp_warnings": failure.fp_warnings(coord),   # numpy's, counted per process
         "machine": report.machine(),
     }
 

@@ -21,6 +21,7 @@ import time
 
 from dni_async.nn import network
 from dni_async import report
+from dni_async.measure import float_warnings
 from dni_async.config import Config, ConfigError
 from dni_async.runtime.runspec import RunSpec, check_ports_free, plan_endpoints, remove_ipc_files
 
@@ -177,11 +178,10 @@ class Supervisor:
                 p.wait()
 
 
-def resume(run_dir: str, json_path: str | None = None, quiet: bool = False,
-           live: bool = False) -> int:
-    """Continue a run from its newest good checkpoint, with fresh endpoints."""
+def resume_point(run_dir: str) -> tuple[RunSpec, str]:
+    """A run's saved plan and its newest good checkpoint (an absolute path, for processes
+    started anywhere), or one ConfigError line saying why there is none."""
     from dni_async.runtime import checkpoint
-    from dni_async.runtime.runspec import RunSpec
     old = RunSpec.load(os.path.join(run_dir, "config.json"))
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         raise ConfigError(f"{run_dir} finished already (its summary.json is there): nothing to "
@@ -190,6 +190,13 @@ def resume(run_dir: str, json_path: str | None = None, quiet: bool = False,
         ckpt = checkpoint.latest_good(run_dir, log=lambda m: print(m, file=sys.stderr))
     except checkpoint.CheckpointError as exc:
         raise ConfigError(str(exc)) from None
+    return old, os.path.abspath(ckpt)
+
+
+def resume(run_dir: str, json_path: str | None = None, quiet: bool = False,
+           live: bool = False) -> int:
+    """Continue a run from its newest good checkpoint, with fresh endpoints."""
+    old, ckpt = resume_point(run_dir)
     if not quiet:
         print(f"dni-async train: resuming {run_dir} from {ckpt}", flush=True)
     return train(old.config, run_dir=run_dir, json_path=json_path, quiet=quiet,
@@ -273,9 +280,10 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         step = failure.get("last_completed_step", stopped.get("last_completed_step"))
         if step is not None:
             detail += f" (last completed step {step})"
+        # the coordinator's account (open steps, flight record) stays, under this headline
         report.write_json(os.path.join(spec.run_dir, "failure.json"),
-                          {"error": detail, "failed": who, "last_completed_step": step,
-                           "coordinator_saw": failure.get("error")})
+                          {**failure, "error": detail, "failed": who,
+                           "last_completed_step": step, "coordinator_saw": failure.get("error")})
     else:
         detail = failure.get("error") or f"{who} {_describe_exit(status)}"
     print(f"dni-async train: failed: {detail}", file=sys.stderr)
@@ -339,6 +347,8 @@ def summary_text(s: dict) -> str:
             lags.append(f"stage {st['rank']}: mean {c['target_lag_sum'] / c['targets_applied']:.2f} "
                         f"max {c['target_lag_max']}")
     lag = f"target lag (own updates before a generator target arrives): {'  '.join(lags)}\n" if lags else ""
+    fp = float_warnings.line(s.get("fp_warnings") or {})
+    fp = f"{fp}\n" if fp else ""
     slow = s["config"].get("slow_stage")
     slow = f"slow_stage = {slow}: busy compute added to that stage's every forward pass\n" if slow else ""
     return (f"\n== {s['config']['mode']} across {len(s['stage_busy'])} stage processes ==\n"
@@ -350,5 +360,6 @@ def summary_text(s: dict) -> str:
             f"busy share: {busy}\n"
             f"{lag}"
             f"{slow}"
+            f"{fp}"
             f"bad messages dropped: {bad}\n"
             f"run folder: {s.get('run_dir')}")
