@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from contextlib import contextmanager
 
 import numpy as np
@@ -22,14 +21,15 @@ import zmq
 
 from dni_async.config import ConfigError, parse_slow_stage
 from dni_async.measure.clock import Clock
-from dni_async.nn import metrics, network
+from dni_async.nn import metrics, network, row_blocks
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
-from dni_async.runtime import checkpoint
+from dni_async.runtime import checkpoint, preflight
 from dni_async.runtime.faults import Fault
+from dni_async.runtime.heartbeat import Heartbeat
 from dni_async.runtime.monitor import beat_extras
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
-from dni_async.runtime.stage_links import RECENT, PeerLost, StageLinks
+from dni_async.runtime.stage_links import PeerLost, StageLinks
 
 EXIT_PEER_LOST = 3
 GRADIENTS_PER_BATCH = 64    # at most this many gradients read before the next batch
@@ -50,32 +50,34 @@ class Stage:
                 self.model.load(checkpoint.load_arrays(path))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"stage {rank}: cannot resume from {path}: {exc}") from None
+        slow = parse_slow_stage(cfg.slow_stage)
+        self.delay_s = slow[1] if slow and slow[0] == rank else 0.0   # teaching: a slow stage
+        # the most rows a message brings; refuse now, not mid-run, if a piece of work would
+        # outlast the heartbeats' patience
+        rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
+        self.work_s = preflight.check(self.model, cfg, rank, rows, extra_s=self.delay_s)
         self.clock = Clock(record_spans=spec.trace)
         self.batches = 0
-        # the recent steps received on each link, reported in heartbeats: where a lost step was
-        self.seen = {"fwd_in": deque(maxlen=RECENT), "grad_in": deque(maxlen=RECENT)}
         self.stopping = False
         self.fault = Fault.from_env(rank)
         if self.fault:
             self.fault.maybe_fire(0)
-        # the largest array this stage can legitimately receive: anything larger is refused
-        rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
-        max_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize
+        max_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize   # more is refused
         self.links = StageLinks(spec, rank, max_bytes, self.clock)
-        slow = parse_slow_stage(cfg.slow_stage)
-        self.delay_s = slow[1] if slow and slow[0] == rank else 0.0   # teaching: a slow stage
         self.lags: dict[int, int] = {}     # target lag -> how many targets arrived that late
         self.program = StageProgram(self.model, mode_of(cfg), cfg, rank,
                                     send=self.links.send_data,
-                                    span=self._slow_span if self.delay_s else self.clock.span)
+                                    span=self._op_span)
 
     @contextmanager
-    def _slow_span(self, name: str, step: int = -1):
-        """The clock's span; a forward span also computes for `delay_s` more (busy, not asleep:
-        the delay is work, as a bigger layer's would be)."""
+    def _op_span(self, name: str, step: int = -1):
+        """The clock's span of one op of the program, after a heartbeat if one is due (a wide
+        layer's ops are long work). With `slow_stage`, a forward span also computes for
+        `delay_s` more (busy, not asleep: the delay is work, as a bigger layer's would be)."""
+        self.heartbeat.beat()
         with self.clock.span(name, step):
             yield
-            if name == "forward":
+            if name == "forward" and self.delay_s:
                 end = time.perf_counter() + self.delay_s
                 while time.perf_counter() < end:
                     pass
@@ -93,11 +95,16 @@ class Stage:
     # -- life cycle -----------------------------------------------------------------------
 
     def run(self) -> int:
-        control = self.links.control
-        self.links.send(control, "hello", meta={"rank": self.rank, "pid": os.getpid(),
-                                                "host": os.uname().nodename})
-        self.heard = time.monotonic()
-        self.next_beat = time.monotonic() + self.cfg.heartbeat_s
+        links = self.links
+        self.heartbeat = Heartbeat(   # the recent steps on each link, and the monitor's numbers
+            lambda meta: links.send(links.control, "heartbeat", meta=meta),
+            lambda: {"batches": self.batches, **links.recent_steps(),
+                     **beat_extras(self.clock, len(self.program.held), len(self.model.pending),
+                                   self.model.counters)},
+            self.cfg.heartbeat_s, self.cfg.peer_timeout_s)
+        links.send(links.control, "hello",
+                   meta={"rank": self.rank, "pid": os.getpid(), "host": os.uname().nodename,
+                         "snapshot_bytes": checkpoint.snapshot_bytes(self.model)})
         self._await_start()
         while not self.stopping:
             self._pump(self.cfg.heartbeat_s)
@@ -112,7 +119,7 @@ class Stage:
                 msg = self.links.recv(self.links.control)
                 if msg is None:
                     continue
-                self.heard = time.monotonic()
+                self.heartbeat.heard()
                 if msg.kind == "start":
                     return
                 if msg.kind == "stop":
@@ -125,14 +132,7 @@ class Stage:
         poller = links.poller if self.program.ready_for_batch() else links.poller_without_batches
         with self.clock.span("wait"):
             ready = dict(poller.poll(int(timeout_s * 1000)))
-        now = time.monotonic()
-        if now >= self.next_beat:
-            links.send(links.control, "heartbeat",
-                       meta={"batches": self.batches,
-                             **{k: list(v) for k, v in (*self.seen.items(), *links.sent.items())},
-                             **beat_extras(self.clock, len(self.program.held),
-                                           len(self.model.pending), self.model.counters)})
-            self.next_beat = now + self.cfg.heartbeat_s
+        self.heartbeat.beat()
         if links.control in ready:
             self._on_control()
         # every gradient that has arrived before the next batch: they unblock lockstep, and a
@@ -144,13 +144,14 @@ class Stage:
                     self._on_grad(msg)
                 if not links.grad_in.poll(0):
                     break
+                self.heartbeat.beat()
         if links.fwd_in in ready and self.program.ready_for_batch():
             msg = links.recv(links.fwd_in)     # (a coupled stage waiting for its gradient
             if msg is not None:                # leaves further batches queued, unread)
                 self._on_fwd(msg)
         if _interrupted_at and time.monotonic() - _interrupted_at > INTERRUPT_GRACE_S:
             raise KeyboardInterrupt   # nobody came to stop us gracefully
-        if time.monotonic() - self.heard > self.cfg.peer_timeout_s:
+        if self.heartbeat.coordinator_silent(lambda: links.control.poll(0)):
             raise PeerLost(f"stage {self.rank}: no word from the coordinator for "
                            f"{self.cfg.peer_timeout_s:.0f} s")
 
@@ -158,7 +159,7 @@ class Stage:
         msg = self.links.recv(self.links.control)
         if msg is None:
             return
-        self.heard = time.monotonic()
+        self.heartbeat.heard()
         if msg.kind == "stop":
             self._finish()
         elif msg.kind == "checkpoint":
@@ -167,26 +168,23 @@ class Stage:
             self._count_bad()
 
     def _checkpoint(self, meta) -> None:
-        """Snapshot this stage for the step the coordinator names, into that step's folder
-        under its own run folder (never a folder a message names); answer with its hash."""
+        """This stage's file of the checkpoint of the step named (never a folder): its hash."""
         step = meta.get("step")
         if type(step) is not int or step < 0:
             self._count_bad()
             return
-        folder = checkpoint.folder(self.spec.run_dir, step)
-        name = f"stage-{self.rank}.npz"
-        control = self.links.control
-        try:
-            os.makedirs(folder, exist_ok=True)
-            digest = checkpoint.save_arrays(os.path.join(folder, name), self.model.snapshot())
-            self.links.send(control, "ack", meta={"file": name, "sha256": digest, "dir": folder})
+        try:     # in pieces, with heartbeats between them
+            kind, meta = "ack", checkpoint.write_stage(self.spec.run_dir, step, self.rank,
+                                                       self.model.snapshot(copy=False),
+                                                       self.heartbeat.beat)
         except OSError as exc:
-            self.links.send(control, "error", meta={"message": f"checkpoint failed: {exc}"})
+            kind, meta = "error", {"message": f"checkpoint failed: {exc}"}
+        self.links.send(self.links.control, kind, meta=meta)
 
     def _finish(self) -> None:
         """Save the final weights, report, and leave the loop."""
         checkpoint.save_arrays(os.path.join(self.spec.run_dir, f"stage-{self.rank}.npz"),
-                               self.model.arrays())
+                               self.model.arrays(), between=self.heartbeat.beat)
         stats = {
             "rank": self.rank, "pid": os.getpid(), "batches": self.batches,
             "weights_sha256": self.model.weights_sha256(),
@@ -196,6 +194,7 @@ class Stage:
             "generator_sq_error": self.model.generator_sq_error,
             "lag_histogram": {str(k): v for k, v in sorted(self.lags.items())},
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "preflight": self.work_s,
         }
         if self.spec.trace:
             from dni_async.measure import trace
@@ -229,15 +228,16 @@ class Stage:
             self._count_bad()
             return
         self.batches += 1
-        self.seen["fwd_in"].append(msg.step)
+        self.links.seen["fwd_in"].append(msg.step)
         if self.fault and self.fault.maybe_fire(self.batches):
             self.links.drop_next = msg.step
         self.program.on_forward(msg.step, x, y, msg.meta)
 
     def _evaluate(self, msg, x, y) -> None:
-        """Forward only, no update; the last stage sends the metric sums back."""
-        with self.clock.span("eval", msg.step):
-            h = self.model.forward(x)
+        """Forward only, no update; the last stage sends the metric sums back. In row blocks,
+        with heartbeats between them: a wide layer's chunk is seconds of work."""
+        h = row_blocks.forward(self.model, x, between=self.heartbeat.beat,
+                               span=lambda: self.clock.span("eval", msg.step))
         if self.last:
             sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y)
             self.links.send_data("evalres", msg.step, meta={**msg.meta, "sums": sums})
@@ -248,7 +248,7 @@ class Stage:
         if not self._accept(msg, ("grad",), (self.cfg.widths[self.rank + 1],)):
             return
         (g,) = msg.arrays
-        self.seen["grad_in"].append(msg.step)
+        self.links.seen["grad_in"].append(msg.step)
         if not self.program.admits_gradient(msg.step, g.shape[0]):
             self._count_bad()
             return
@@ -293,6 +293,8 @@ def main(spec_path: str, rank: int) -> int:
     except zmq.ZMQError as exc:
         print(f"stage {rank}: cannot open its sockets: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:    # stopped while starting (another stage refused, Ctrl-C)
+        return 130
     try:
         return stage.run()
     except PeerLost as exc:
