@@ -24,7 +24,7 @@ from dni_async.nn import row_blocks
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
 
-SHARE = 2        # a piece of work may take at most this share of the silence allowed
+SHARE = 2        # a piece of work may take at most 1/SHARE of the silence allowed
 REPEATS = 2      # timed runs; the slowest counts (the first touches fresh memory, as a
                  # stage's first batch does)
 
