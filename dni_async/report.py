@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -93,14 +94,22 @@ def ensure_writable(path: str, what: str = "cannot write") -> None:
 
 def atomic_write(path: str, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, rename: readers never see half a file."""
+    with atomic_file(path) as fh:
+        fh.write(data)
+
+
+@contextmanager
+def atomic_file(path: str):
+    """A file to write in place of `path`: a temporary one beside it, fsynced and renamed over
+    `path` when the block ends without an error, removed when it fails."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)      # mkstemp's 0600 is for secrets; these are results
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, "w+b") as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -42,9 +42,12 @@ class Peers:
         self.control.send_multipart([f"stage-{self.rank}".encode(), *frames])
 
     def from_stage(self, timeout_ms=3000):
-        assert self.control.poll(timeout_ms), "the stage said nothing"
-        frames = self.control.recv_multipart()
-        return wire.decode(frames[1:], self.spec.run_id)
+        """The stage's next control message other than a heartbeat (long work beats)."""
+        while True:
+            assert self.control.poll(timeout_ms), "the stage said nothing"
+            msg = wire.decode(self.control.recv_multipart()[1:], self.spec.run_id)
+            if msg.kind != "heartbeat":
+                return msg
 
 
 def arrays(cfg, rank, rows=None):

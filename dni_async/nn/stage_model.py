@@ -276,11 +276,11 @@ class StageModel:
             if f"counter_{key}" in arrays:
                 self.counters[key] = int(arrays[f"counter_{key}"])
 
-    def snapshot(self) -> dict:
+    def snapshot(self, copy: bool = True) -> dict:
         """Everything a checkpoint keeps: parameters, norm statistics, optimizer state,
-        counters."""
-        out = {k: np.array(v) for k, v in self.arrays().items()}
-        out.update({k: np.array(v) for k, v in self._optimizer_state().items()})
+        counters. `copy=False`: the arrays themselves, to be written before anything moves."""
+        take = np.array if copy else np.asarray
+        out = {k: take(v) for k, v in {**self.arrays(), **self._optimizer_state()}.items()}
         if self.generator is not None:
             out["gen_steps"] = np.array(self.generator.steps)
         out.update({f"counter_{k}": np.array(v) for k, v in self.counters.items()})

@@ -18,7 +18,7 @@ import numpy as np
 from dni_async import report
 from dni_async.measure.float_warnings import FloatWarnings
 from dni_async.config import Config
-from dni_async.nn import metrics, network, stage_model
+from dni_async.nn import metrics, network, row_blocks, stage_model
 from dni_async.nn.modes import Op, mode_of
 from dni_async.nn.program import StageProgram
 from dni_async.progress import Progress
@@ -140,7 +140,7 @@ def evaluate(models, cfg: Config, x, y, chunk: int | None = None) -> dict:
     for i in range(0, len(x), chunk):
         h = x[i:i + chunk]
         for m in models:
-            h = m.forward(h)
+            h = row_blocks.forward(m, h)      # the blocks a stage process cuts
         metrics.add(sums, metrics.batch_sums(cfg.task, cfg.loss, h, y[i:i + chunk]))
     return sums
 

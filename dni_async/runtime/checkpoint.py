@@ -16,16 +16,18 @@ not come (`stage_snapshot.py`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
+import time
+import zipfile
 
 import numpy as np
 
-from dni_async.report import atomic_write
+from dni_async import report
 
 MANIFEST = "manifest.json"
+BLOCK = 8 << 20          # bytes hashed, or written and fsynced, before a pause
 REFUSED = ".refused"     # a checkpoint that failed verification, set aside for inspection
 
 
@@ -37,21 +39,78 @@ def folder(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, "checkpoints", f"step-{step:09d}")
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str, between=None) -> str:
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+        return _sha256(fh, between)
+
+
+def _sha256(fh, between=None) -> str:
+    """sha256 of the rest of an open file, read in blocks; `between()` after each block."""
+    h = hashlib.sha256()
+    for block in iter(lambda: fh.read(BLOCK), b""):
+        h.update(block)
+        if between is not None:
+            between()
     return h.hexdigest()
 
 
-def save_arrays(path: str, arrays: dict) -> str:
-    """Write an npz atomically; returns its sha256."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    data = buf.getvalue()
-    atomic_write(path, data)
-    return hashlib.sha256(data).hexdigest()
+def save_arrays(path: str, arrays: dict, between=None) -> str:
+    """Write an npz, as np.savez does, atomically; returns the sha256 of the bytes written.
+
+    A wide layer's snapshot is hundreds of megabytes, so the writing is done in pieces with
+    `between()` after each (a stage sends its heartbeats there): BLOCK bytes written and
+    fsynced, a BLOCK of hashing."""
+    with report.atomic_file(path) as fh:
+        paced = _Paced(fh, between)
+        with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, value in arrays.items():
+                with zf.open(name + ".npy", "w", force_zip64=True) as paced.member:
+                    np.lib.format.write_array(paced, np.asanyarray(value), allow_pickle=False)
+        fh.flush()
+        fh.seek(0)
+        return _sha256(fh, between)
+
+
+class _Paced:
+    """Where `np.lib.format.write_array` writes an array (into a zip `member` of the file
+    `fh`): after every BLOCK bytes the file so far goes to disk and `between()` runs, so that
+    no piece of a large write, its fsync included, is long."""
+
+    def __init__(self, fh, between):
+        self.fh, self.between, self.member, self.unsynced = fh, between, None, 0
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        for i in range(0, len(data), BLOCK):
+            piece = data[i:i + BLOCK]
+            self.member.write(piece)
+            self.unsynced += len(piece)
+            if self.unsynced >= BLOCK:
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+                self.unsynced = 0
+                if self.between is not None:
+                    self.between()
+
+
+def write_stage(run_dir: str, step: int, rank: int, arrays: dict, between=None) -> dict:
+    """One stage's file of the checkpoint of `step`, in that step's folder under the stage's
+    own run folder; returns what its confirmation says (raises OSError): the file, its sha256,
+    and the bytes and seconds the write took, from which the coordinator learns the disk's
+    speed."""
+    where = folder(run_dir, step)
+    os.makedirs(where, exist_ok=True)
+    name = f"stage-{rank}.npz"
+    path, t0 = os.path.join(where, name), time.perf_counter()
+    digest = save_arrays(path, arrays, between)
+    return {"file": name, "sha256": digest, "dir": where, "bytes": os.path.getsize(path),
+            "seconds": time.perf_counter() - t0}
+
+
+def snapshot_bytes(model) -> int:
+    """The bytes of a stage's checkpoint arrays, counted without copying them: what the
+    coordinator's deadline for writing them grows with."""
+    return int(sum(a.nbytes for a in model.snapshot(copy=False).values()))
 
 
 def load_arrays(path: str) -> dict:
@@ -62,11 +121,12 @@ def load_arrays(path: str) -> dict:
 def write_manifest(ckpt_dir: str, step: int, files: dict) -> None:
     """The last write of a checkpoint: from here on it counts."""
     body = json.dumps({"step": step, "files": files}, indent=2).encode()
-    atomic_write(os.path.join(ckpt_dir, MANIFEST), body)
+    report.atomic_write(os.path.join(ckpt_dir, MANIFEST), body)
 
 
-def verify(ckpt_dir: str) -> dict:
-    """The manifest of a complete, undamaged checkpoint, or CheckpointError saying what is wrong."""
+def verify(ckpt_dir: str, between=None) -> dict:
+    """The manifest of a complete, undamaged checkpoint, or CheckpointError saying what is wrong.
+    `between()` runs between blocks of hashing."""
     path = os.path.join(ckpt_dir, MANIFEST)
     try:
         with open(path) as fh:
@@ -82,7 +142,7 @@ def verify(ckpt_dir: str) -> dict:
         p = os.path.join(ckpt_dir, name)
         if not os.path.exists(p):
             raise CheckpointError(f"{ckpt_dir}: {name} is missing")
-        if sha256_file(p) != digest:
+        if sha256_file(p, between) != digest:
             raise CheckpointError(f"{ckpt_dir}: {name} is damaged (sha256 differs from the manifest)")
     return manifest
 
@@ -111,12 +171,13 @@ def latest_good(run_dir: str, log=print) -> str:
     raise CheckpointError(f"no usable checkpoint in {run_dir}")
 
 
-def prune(run_dir: str, keep: int, just_written: str) -> None:
-    """Keep the newest `keep` checkpoints that verify, always including the one just written."""
+def prune(run_dir: str, keep: int, just_written: str, between=None) -> None:
+    """Keep the newest `keep` checkpoints that verify, always including the one just written.
+    `between()` runs between blocks of hashing (the coordinator keeps its heartbeats going)."""
     good = []
     for c in candidates(run_dir):
         try:
-            verify(c)
+            verify(c, between)
             good.append(c)
         except CheckpointError:
             pass

@@ -18,6 +18,7 @@ import zmq
 
 from dni_async.runtime import flight, wire
 from dni_async.runtime.monitor import absorb
+from dni_async.runtime.write_budget import WriteBudget
 
 
 LINKS = ("fwd_in", "grad_in", "fwd_out", "grad_out")   # a heartbeat's recent steps per link
@@ -43,6 +44,7 @@ class ControlPlane:
         self.pids: dict[int, int] = {}
         self.stats: dict[int, dict] = {}     # each stage's final report
         self.acks: dict[int, dict] = {}      # checkpoint confirmations
+        self.writes = WriteBudget(self.cfg.peer_timeout_s)   # how long snapshots may take
         self.seen: dict[int, dict] = {}      # each stage's last heartbeat: steps in and out
         self.live: dict[int, dict] = {}      # from heartbeats, for the monitor: per-category
                                              # time deltas not yet published, counts, glimpses
@@ -90,11 +92,13 @@ class ControlPlane:
             self.recorder.note("in", f"stage-{rank}", msg.kind, msg.step)
         if msg.kind == "hello":
             self.pids[rank] = msg.meta.get("pid")
+            self.writes.note_size(rank, msg.meta.get("snapshot_bytes"))
         elif msg.kind == "stats" and _valid_stats(msg.meta):
             self.stats[rank] = msg.meta
             self.reports.absorb(rank, msg.meta)
         elif msg.kind == "ack" and all(isinstance(msg.meta.get(k), str) for k in ("file", "sha256")):
             self.acks[rank] = msg.meta
+            self.writes.note_write(msg.meta.get("bytes"), msg.meta.get("seconds"))
         elif msg.kind == "error":
             raise StageLost(f"stage {rank} failed: {msg.meta.get('message', '?')}")
         elif msg.kind == "heartbeat":
@@ -142,9 +146,10 @@ class ControlPlane:
         return sorted(set(range(self.n)) - set(have))
 
     def collect_stats(self) -> None:
-        """Tell every stage to stop and wait (bounded) for each one's final stats."""
+        """Tell every stage to stop and wait (bounded) for each one's final stats (each saves
+        its weights first)."""
         self.broadcast("stop")
-        deadline = time.monotonic() + self.cfg.peer_timeout_s
+        deadline = time.monotonic() + self.writes.deadline_s()
         while len(self.stats) < self.n and time.monotonic() < deadline:
             if self.socket.poll(100):
                 self.on_message()

@@ -60,16 +60,18 @@ def take_checkpoint(control, pump, state: RunState, run_dir: str, cfg) -> str:
     os.makedirs(folder, exist_ok=True)
     control.acks = {}
     control.broadcast("checkpoint", {"step": step})    # each stage derives the folder
-    deadline = time.monotonic() + cfg.peer_timeout_s
+    limit = control.writes.deadline_s()      # grows with the bytes the stages write
+    deadline = time.monotonic() + limit
     while len(control.acks) < control.n:
         if time.monotonic() > deadline:
             raise StageLost(f"stage(s) {control.missing(control.acks)} did not confirm the "
-                            "checkpoint")
+                            f"checkpoint within {limit:.1f} s")
         pump(0.05)
     files = {a["file"]: a["sha256"] for a in control.acks.values()}
     body = json.dumps(asdict(state)).encode()
     report.atomic_write(os.path.join(folder, "coordinator.json"), body)
     files["coordinator.json"] = hashlib.sha256(body).hexdigest()
     checkpoint.write_manifest(folder, step, files)
-    checkpoint.prune(run_dir, cfg.keep_checkpoints, folder)
+    # verifying the older checkpoints hashes every file: heartbeats and messages meanwhile
+    checkpoint.prune(run_dir, cfg.keep_checkpoints, folder, between=lambda: pump(0))
     return folder

@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from contextlib import contextmanager
 
 import numpy as np
@@ -23,14 +22,15 @@ import zmq
 from dni_async.config import ConfigError, parse_slow_stage
 from dni_async.measure.clock import Clock
 from dni_async.measure.float_warnings import FloatWarnings, line as fp_line
-from dni_async.nn import metrics, network
+from dni_async.nn import metrics, network, row_blocks
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
-from dni_async.runtime import checkpoint, stage_report, stage_snapshot
+from dni_async.runtime import checkpoint, preflight, stage_report, stage_snapshot
 from dni_async.runtime.faults import Fault
+from dni_async.runtime.heartbeat import Heartbeat
 from dni_async.runtime.replay import Replays
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
-from dni_async.runtime.stage_links import RECENT, PeerLost, StageLinks
+from dni_async.runtime.stage_links import PeerLost, StageLinks
 
 EXIT_PEER_LOST = 3
 GRADIENTS_PER_BATCH = 64    # at most this many gradients read before the next batch
@@ -51,34 +51,41 @@ class Stage:
                 self.model.load(checkpoint.load_arrays(path))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"stage {rank}: cannot resume from {path}: {exc}") from None
+        slow = parse_slow_stage(cfg.slow_stage)
+        self.delay_s = slow[1] if slow and slow[0] == rank else 0.0   # teaching: a slow stage
+        # the most rows a message brings; refuse now, not mid-run, if a piece of work would
+        # outlast the heartbeats' patience
+        rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
+        self.work_s = preflight.check(self.model, cfg, rank, rows, extra_s=self.delay_s)
         self.clock = Clock(record_spans=spec.trace)
         self.fp = FloatWarnings()
         self.batches = 0
-        # the recent steps received on each link, reported in heartbeats: where a lost step was
-        self.seen = {"fwd_in": deque(maxlen=RECENT), "grad_in": deque(maxlen=RECENT)}
         self.stopping = False
         self.fault = Fault.from_env(rank)
         if self.fault:
             self.fault.maybe_fire(0)
-        # the largest array this stage can legitimately receive: anything larger is refused
-        rows = max(cfg.batch_size, min(EVAL_CHUNK, max(cfg.n_train, cfg.n_test)))
-        max_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize
+        max_bytes = rows * max(cfg.widths) * np.dtype(cfg.dtype).itemsize   # more is refused
         self.links = StageLinks(spec, rank, max_bytes, self.clock)
         self.replays = Replays()           # steps run already: a second message for one is refused
-        slow = parse_slow_stage(cfg.slow_stage)
-        self.delay_s = slow[1] if slow and slow[0] == rank else 0.0   # teaching: a slow stage
         self.lags: dict[int, int] = {}     # target lag -> how many targets arrived that late
         self.program = StageProgram(self.model, mode_of(cfg), cfg, rank,
                                     send=self.links.send_data,
-                                    span=self._slow_span if self.delay_s else self.clock.span)
+                                    span=self._op_span)
+        links = self.links
+        self.heartbeat = Heartbeat(   # what a heartbeat carries: stage_report.heartbeat
+            lambda meta: links.send(links.control, "heartbeat", meta=meta),
+            lambda: stage_report.heartbeat(self),
+            cfg.heartbeat_s, cfg.peer_timeout_s)
 
     @contextmanager
-    def _slow_span(self, name: str, step: int = -1):
-        """The clock's span; a forward span also computes for `delay_s` more (busy, not asleep:
-        the delay is work, as a bigger layer's would be)."""
+    def _op_span(self, name: str, step: int = -1):
+        """The clock's span of one op of the program, after a heartbeat if one is due (a wide
+        layer's ops are long work). With `slow_stage`, a forward span also computes for
+        `delay_s` more (busy, not asleep: the delay is work, as a bigger layer's would be)."""
+        self.heartbeat.beat()
         with self.clock.span(name, step):
             yield
-            if name == "forward":
+            if name == "forward" and self.delay_s:
                 end = time.perf_counter() + self.delay_s
                 while time.perf_counter() < end:
                     pass
@@ -96,11 +103,10 @@ class Stage:
     # -- life cycle -----------------------------------------------------------------------
 
     def run(self) -> int:
-        control = self.links.control
-        self.links.send(control, "hello", meta={"rank": self.rank, "pid": os.getpid(),
-                                                "host": os.uname().nodename})
-        self.heard = time.monotonic()
-        self.next_beat = time.monotonic() + self.cfg.heartbeat_s
+        links = self.links
+        links.send(links.control, "hello",
+                   meta={"rank": self.rank, "pid": os.getpid(), "host": os.uname().nodename,
+                         "snapshot_bytes": checkpoint.snapshot_bytes(self.model)})
         self._await_start()
         while not self.stopping:
             self._pump(self.cfg.heartbeat_s)
@@ -115,7 +121,7 @@ class Stage:
                 msg = self.links.recv(self.links.control)
                 if msg is None:
                     continue
-                self.heard = time.monotonic()
+                self.heartbeat.heard()
                 if msg.kind == "start":
                     return
                 if msg.kind == "stop":
@@ -128,10 +134,7 @@ class Stage:
         poller = links.poller if self.program.ready_for_batch() else links.poller_without_batches
         with self.clock.span("wait"):
             ready = dict(poller.poll(int(timeout_s * 1000)))
-        now = time.monotonic()
-        if now >= self.next_beat:
-            links.send(links.control, "heartbeat", meta=stage_report.heartbeat(self))
-            self.next_beat = now + self.cfg.heartbeat_s
+        self.heartbeat.beat()
         if links.control in ready:
             self._on_control()
             if self.stopping:    # its final report is sent: nothing more is handled
@@ -143,13 +146,14 @@ class Stage:
                 self._take_gradient(links.grad_in)
                 if not links.grad_in.poll(0):
                     break
+                self.heartbeat.beat()
         if links.fwd_in in ready and self.program.ready_for_batch():
             msg = links.recv(links.fwd_in)     # (a coupled stage waiting for its gradient
             if msg is not None:                # leaves further batches queued, unread)
                 self._on_fwd(msg)
         if _interrupted_at and time.monotonic() - _interrupted_at > INTERRUPT_GRACE_S:
             raise KeyboardInterrupt   # nobody came to stop us gracefully
-        if time.monotonic() - self.heard > self.cfg.peer_timeout_s:
+        if self.heartbeat.coordinator_silent(lambda: links.control.poll(0)):
             raise PeerLost(f"stage {self.rank}: no word from the coordinator for "
                            f"{self.cfg.peer_timeout_s:.0f} s")
 
@@ -157,7 +161,7 @@ class Stage:
         msg = self.links.recv(self.links.control)
         if msg is None:
             return
-        self.heard = time.monotonic()
+        self.heartbeat.heard()
         if msg.kind == "stop":
             self._finish()
         elif msg.kind == "checkpoint":
@@ -166,30 +170,26 @@ class Stage:
             self._count_bad()
 
     def _checkpoint(self, meta) -> None:
-        """Snapshot this stage for the step the coordinator names, into that step's folder
-        under its own run folder (never a folder a message names); answer with its hash."""
+        """This stage's file of the checkpoint of the step named (never a folder): its hash."""
         step = meta.get("step")
         if type(step) is not int or step < 0:
             self._count_bad()
             return
-        folder = checkpoint.folder(self.spec.run_dir, step)
-        name = f"stage-{self.rank}.npz"
-        control = self.links.control
         stage_snapshot.settle(self.program.held, self.model.pending, self.links.grad_in,
                               self._take_gradient, min(stage_snapshot.SETTLE_S,
                                                        self.cfg.peer_timeout_s / 3))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            digest = checkpoint.save_arrays(os.path.join(folder, name),
-                                            stage_snapshot.arrays(self.model))
-            self.links.send(control, "ack", meta={"file": name, "sha256": digest, "dir": folder})
+        try:     # in pieces, with heartbeats between them
+            kind, meta = "ack", checkpoint.write_stage(self.spec.run_dir, step, self.rank,
+                                                       stage_snapshot.arrays(self.model),
+                                                       self.heartbeat.beat)
         except OSError as exc:
-            self.links.send(control, "error", meta={"message": f"checkpoint failed: {exc}"})
+            kind, meta = "error", {"message": f"checkpoint failed: {exc}"}
+        self.links.send(self.links.control, kind, meta=meta)
 
     def _finish(self) -> None:
         """Save the final weights, report, and leave the loop."""
         checkpoint.save_arrays(os.path.join(self.spec.run_dir, f"stage-{self.rank}.npz"),
-                               self.model.arrays())
+                               self.model.arrays(), between=self.heartbeat.beat)
         if self.spec.trace:
             from dni_async.measure import trace
             trace.write_spans(self.spec.run_dir, f"stage-{self.rank}", os.getpid(),
@@ -224,15 +224,16 @@ class Stage:
             return
         self.replays.ran("fwd", msg.step)
         self.batches += 1
-        self.seen["fwd_in"].append(msg.step)
+        self.links.seen["fwd_in"].append(msg.step)
         if self.fault and self.fault.maybe_fire(self.batches):
             self.links.drop_next = msg.step
         self.program.on_forward(msg.step, x, y, msg.meta)
 
     def _evaluate(self, msg, x, y) -> None:
-        """Forward only, no update; the last stage sends the metric sums back."""
-        with self.clock.span("eval", msg.step):
-            h = self.model.forward(x)
+        """Forward only, no update; the last stage sends the metric sums back. In row blocks,
+        with heartbeats between them: a wide layer's chunk is seconds of work."""
+        h = row_blocks.forward(self.model, x, between=self.heartbeat.beat,
+                               span=lambda: self.clock.span("eval", msg.step))
         if self.last:
             sums = metrics.batch_sums(self.cfg.task, self.cfg.loss, h, y)
             self.links.send_data("evalres", msg.step, meta={**msg.meta, "sums": sums})
@@ -248,7 +249,7 @@ class Stage:
         if not self._accept(msg, ("grad",), (self.cfg.widths[self.rank + 1],)):
             return
         (g,) = msg.arrays
-        self.seen["grad_in"].append(msg.step)
+        self.links.seen["grad_in"].append(msg.step)
         if (self.replays.refuses("grad", msg.step)
                 or not self.program.admits_gradient(msg.step, g.shape[0])):
             self._count_bad()
@@ -295,6 +296,8 @@ def main(spec_path: str, rank: int) -> int:
     except zmq.ZMQError as exc:
         print(f"stage {rank}: cannot open its sockets: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:    # stopped while starting (another stage refused, Ctrl-C)
+        return 130
     try:
         with stage.fp.counting():
             return stage.run()

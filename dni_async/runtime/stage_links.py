@@ -38,6 +38,9 @@ class StageLinks:
         self.spec, self.cfg, self.rank, self.clock = spec, spec.config, rank, clock
         self.max_array_bytes = max_array_bytes
         self.bad_messages = 0
+        # the recent steps received (the stage notes them) and sent on each link, reported in
+        # heartbeats: where a lost step was last seen
+        self.seen = {"fwd_in": deque(maxlen=RECENT), "grad_in": deque(maxlen=RECENT)}
         self.sent = {"fwd_out": deque(maxlen=RECENT), "grad_out": deque(maxlen=RECENT)}
         self.drop_next = None      # fault injection: the step whose message on is discarded
         self.recorder = FlightRecorder()     # the last message events, sent with heartbeats
@@ -126,6 +129,9 @@ class StageLinks:
         self.send(self.route[kind], kind, step, arrays, meta)
         if kind in ("fwd", "grad"):
             self.sent[f"{kind}_out"].append(step)
+
+    def recent_steps(self) -> dict:
+        return {k: list(v) for k, v in (*self.seen.items(), *self.sent.items())}
 
     def recv(self, sock):
         """One message, or None (counted) if it was not well-formed for this run or, under

@@ -17,7 +17,7 @@ from dni_async.runtime.monitor import beat_extras
 def heartbeat(stage) -> dict:
     links, held, pending = stage.links, stage.program.held, stage.model.pending
     return {"batches": stage.batches,
-            **{k: list(v) for k, v in (*stage.seen.items(), *links.sent.items())},
+            **links.recent_steps(),
             **beat_extras(stage.clock, len(held), len(pending), stage.model.counters),
             **flight.beat(links.recorder, held, pending),
             "fp_warnings": stage.fp.as_dict()}
@@ -36,5 +36,6 @@ def final(stage) -> dict:
         "lag_histogram": {str(k): v for k, v in sorted(stage.lags.items())},
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "fp_warnings": stage.fp.as_dict(),
+        "preflight": stage.work_s,
         **flight.beat(stage.links.recorder, stage.program.held, model.pending),
     }

@@ -30,8 +30,9 @@ def settle(held, pending, grad_in, take, limit_s: float = SETTLE_S) -> None:
 
 
 def arrays(model) -> dict:
-    """The model's snapshot, with the targets it still waits for counted as missing."""
-    out = model.snapshot()
+    """The model's snapshot (its own arrays, not copies: the stage writes them before it
+    trains on), with the targets it still waits for counted as missing."""
+    out = dict(model.snapshot(copy=False))
     out["counter_targets_missing"] = np.array(model.counters["targets_missing"]
                                               + len(model.pending))
     return out

@@ -28,6 +28,7 @@ from dni_async.runtime.runspec import RunSpec, check_ports_free, plan_endpoints,
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 EXIT_FAILED = 1
+EXIT_REFUSED = 2      # a process's own check of the settings failed (a stage's preflight)
 EXIT_INTERRUPTED = 130
 GRACE_S = 1.5
 
@@ -278,7 +279,9 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         # the supervisor saw it first-hand; the coordinator's account may describe the aftermath
         detail = f"{who} {_describe_exit(status)}"
         step = failure.get("last_completed_step", stopped.get("last_completed_step"))
-        if step is not None:
+        if status == EXIT_REFUSED:    # its own check of the settings, before training
+            detail = f"{who} refused to start (the line above says why)"
+        elif step is not None:
             detail += f" (last completed step {step})"
         # the coordinator's account (open steps, flight record) stays, under this headline
         report.write_json(os.path.join(spec.run_dir, "failure.json"),
