@@ -137,3 +137,27 @@ def test_a_lost_message_ends_the_run_naming_the_step(no_leftovers, mode):
     assert not wait_gone(str(no_leftovers), 5.0)
     failure = json.loads((no_leftovers / "failure.json").read_text())
     assert "29" in failure["open_steps"] and failure["last_completed_step"] >= 0
+
+
+QUICK = ["--preset", "tiny", "--mode", "backprop", "--epochs", "1000",
+         "--set", "peer_timeout_s=1", "--set", "heartbeat_s=0.2"]
+
+
+def test_a_stage_that_never_says_hello_is_named_not_its_waiting_peers(no_leftovers):
+    proc = start_train(no_leftovers, *QUICK, "--set", "startup_timeout_s=3",
+                       env={"DNI_ASYNC_FAULT": "2:hang:0"})
+    rc, err = finish(proc, 30)
+    assert rc != 0 and "failed: stage 2 did not say hello within 3 s" in err, err
+
+
+def test_silence_is_counted_from_the_start_not_from_each_hello():
+    """Stages send nothing between hello and start: one that said hello long before the last
+    stage did must not be found silent the moment the run starts."""
+    from dni_async.config import make_config
+    from dni_async.runtime.control import ControlPlane
+    plane = ControlPlane.__new__(ControlPlane)      # its bookkeeping, without sockets
+    plane.n, plane.cfg = 2, make_config({"peer_timeout_s": 1, "heartbeat_s": 0.2})
+    plane.last_seen = {0: time.monotonic() - 5.0, 1: time.monotonic()}   # hellos 5 s apart
+    plane.broadcast = lambda kind, meta=None: None
+    plane.start()
+    plane.beat_and_check(-1)                        # no "stage 0 has been silent for 5.0 s"

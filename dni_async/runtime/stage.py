@@ -104,21 +104,33 @@ class Stage:
         return 0
 
     def _await_start(self) -> None:
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while time.monotonic() < deadline:
+        """Wait for `start`. Once the coordinator has answered the hello it beats while it
+        waits for the other stages, so silence for `peer_timeout_s` means it has stopped;
+        before that it has its start-up time and a peer timeout more, so that a stage that
+        never says hello is named by the coordinator, not outlived by its waiting peers."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.startup_timeout_s + cfg.peer_timeout_s
+        heard = False
+        while True:
             if _interrupted_at:
                 raise KeyboardInterrupt
+            now = time.monotonic()
+            if heard and now - self.heard > cfg.peer_timeout_s:
+                raise PeerLost(f"stage {self.rank}: no word from the coordinator for "
+                               f"{cfg.peer_timeout_s:.0f} s before the start")
+            if now > deadline:
+                raise PeerLost(f"stage {self.rank}: no start from the coordinator within "
+                               f"{cfg.startup_timeout_s + cfg.peer_timeout_s:.0f} s")
             if self.links.control.poll(100):
                 msg = self.links.recv(self.links.control)
                 if msg is None:
                     continue
-                self.heard = time.monotonic()
+                self.heard, heard = time.monotonic(), True
                 if msg.kind == "start":
                     return
-                if msg.kind == "stop":
-                    raise PeerLost(f"stage {self.rank}: told to stop before the start")
-        raise PeerLost(f"stage {self.rank}: no start from the coordinator within "
-                       f"{self.cfg.startup_timeout_s:.0f} s")
+                if msg.kind == "stop":     # the coordinator gave up (and says why): leave
+                    self.stopping = True
+                    return
 
     def _pump(self, timeout_s: float) -> None:
         links = self.links
