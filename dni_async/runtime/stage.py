@@ -20,13 +20,14 @@ from contextlib import contextmanager
 import numpy as np
 import zmq
 
+from dni_async import report
 from dni_async.config import ConfigError, parse_slow_stage
 from dni_async.measure.clock import Clock
 from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
 from dni_async.runtime import checkpoint
-from dni_async.runtime.faults import Fault
+from dni_async.runtime.faults import FINAL, Fault
 from dni_async.runtime.monitor import beat_extras
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
 from dni_async.runtime.stage_links import RECENT, PeerLost, StageLinks
@@ -294,6 +295,19 @@ def _install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, note)
 
 
+def account_path(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, f"failure-stage-{rank}.json")
+
+
+def leave_account(spec: RunSpec, rank: int, error: str) -> None:
+    """Why this stage gave up, for whoever names the run's failure: a stage that leaves because
+    the coordinator fell silent exits like any failed stage, and only it knows whom it lost."""
+    try:
+        report.write_json(account_path(spec.run_dir, rank), {"rank": rank, "error": error})
+    except OSError:
+        pass
+
+
 def main(spec_path: str, rank: int) -> int:
     spec = RunSpec.load(spec_path)
     _install_signal_handlers()
@@ -306,9 +320,14 @@ def main(spec_path: str, rank: int) -> int:
         print(f"stage {rank}: cannot open its sockets: {exc}", file=sys.stderr)
         return 1
     try:
-        return stage.run()
+        status = stage.run()
+        if stage.fault:
+            stage.close()
+            stage.fault.maybe_fire(FINAL)
+        return status
     except PeerLost as exc:
         print(f"dni-async: {exc}; exiting", file=sys.stderr)
+        leave_account(spec, rank, str(exc))
         return EXIT_PEER_LOST
     except KeyboardInterrupt:
         return 130

@@ -23,6 +23,7 @@ from dni_async.nn import network
 from dni_async import report
 from dni_async.config import Config, ConfigError
 from dni_async.runtime.runspec import RunSpec, check_ports_free, plan_endpoints, remove_ipc_files
+from dni_async.runtime.stage import account_path as stage_account
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -38,6 +39,13 @@ def child_env(blas_threads: int = 1) -> dict:
         env[k] = str(blas_threads)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def verdict_wait_s(cfg: Config) -> float:
+    """How long `train` waits, once a stage has failed, for the coordinator to end by itself:
+    its next heartbeat finds a dead stage unreachable, and a second more lets it write its
+    account (or the summary, if the stage failed after its final report)."""
+    return cfg.heartbeat_s + 1.0
 
 
 def _die_with_parent() -> None:
@@ -67,9 +75,11 @@ def prepare(cfg: Config, run_dir: str | None, trace: bool = False,
         os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"cannot write the run folder {run_dir}: {exc.strerror}") from None
-    for stale in ("failure.json", "stopped.json", "summary.json"):   # from an earlier attempt
-        if os.path.exists(os.path.join(run_dir, stale)):
-            os.unlink(os.path.join(run_dir, stale))
+    stale = ["failure.json", "stopped.json", "summary.json",          # from an earlier attempt
+             *(os.path.basename(stage_account(run_dir, k)) for k in range(cfg.n_stages))]
+    for name in stale:
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.unlink(os.path.join(run_dir, name))
     ipc_dir = tempfile.mkdtemp(prefix="dni-") if cfg.transport == "ipc" else None
     try:
         endpoints = plan_endpoints(cfg, ipc_dir)
@@ -133,20 +143,41 @@ class Supervisor:
             for name, p in self.procs.items():
                 # a stage that fails makes the run fail; one that ends cleanly was told to stop
                 if name != "coordinator" and p.poll() not in (None, 0):
-                    time.sleep(0.2)   # let the coordinator write its own account first
+                    self._await_verdict(coord)
                     return p.returncode, name
             tick(0.05)
 
+    def _await_verdict(self, coord) -> None:
+        """A stage has failed: let the coordinator see it too and write its own account, or
+        finish the summary if the stage failed after its final report. Bounded: a coordinator
+        that has not ended by then (stuck itself, or still waiting for a stage that never
+        said hello) is stopped."""
+        try:
+            coord.wait(verdict_wait_s(self.spec.config))
+        except subprocess.TimeoutExpired:
+            pass
+
     def _await_stages(self) -> tuple[int, str | None]:
+        """The coordinator ended well, so every stage had saved its weights and sent its final
+        report: the run is complete, and summary.json says so. A stage that then fails to
+        leave cleanly (killed while closing, say) is reported, but does not fail the run."""
         deadline = time.monotonic() + 5.0
         for name, p in self.procs.items():
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                return EXIT_FAILED, name
+                print(f"dni-async train: {name} did not exit after its final report; "
+                      "stopping it", file=sys.stderr)
+                continue     # stop_all ends it
             if p.returncode != 0:
-                return p.returncode, name
+                print(f"dni-async train: {name} {_describe_exit(p.returncode)} after its final "
+                      "report; the run is complete", file=sys.stderr)
         return 0, None
+
+    def coordinator_finished(self) -> bool:
+        """The coordinator ended well: every stage had reported, the summary is written."""
+        coord = self.procs.get("coordinator")
+        return coord is not None and coord.poll() == 0
 
     def interrupt_coordinator(self, wait_s: float = 1.6) -> None:
         """Ask the coordinator for an orderly stop (drain, checkpoint, stop the stages)."""
@@ -246,6 +277,12 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
             shutil.rmtree(ipc_dir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if status not in (0, EXIT_INTERRUPTED) and who != "coordinator" \
+            and sup.coordinator_finished():
+        # a stage failed after its final report, while the coordinator wrote the summary
+        print(f"dni-async train: {who} {_describe_exit(status)} after its final report; "
+              "the run is complete", file=sys.stderr)
+        status = 0
     if status == EXIT_INTERRUPTED:
         stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
         where = stopped.get("checkpoint")
@@ -265,21 +302,29 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         if trace and timeline:
             write_timeline(spec.run_dir, quiet)
         return 0
-    failure = _read(os.path.join(spec.run_dir, "failure.json")) or {}
-    stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
-    if who and who.startswith("stage"):
-        # the supervisor saw it first-hand; the coordinator's account may describe the aftermath
-        detail = f"{who} {_describe_exit(status)}"
-        step = failure.get("last_completed_step", stopped.get("last_completed_step"))
-        if step is not None:
-            detail += f" (last completed step {step})"
-        report.write_json(os.path.join(spec.run_dir, "failure.json"),
-                          {"error": detail, "failed": who, "last_completed_step": step,
-                           "coordinator_saw": failure.get("error")})
-    else:
-        detail = failure.get("error") or f"{who} {_describe_exit(status)}"
-    print(f"dni-async train: failed: {detail}", file=sys.stderr)
+    print(f"dni-async train: failed: {_failure(spec.run_dir, status, who)}", file=sys.stderr)
     return EXIT_FAILED if status < 0 else max(1, min(status, 125))
+
+
+def _failure(run_dir: str, status: int, who: str | None) -> str:
+    """The run's failure in one line; failure.json rewritten when a stage failed, since the
+    supervisor saw that first-hand (the coordinator's account may describe the aftermath, and
+    a stage that gave up on a peer says whom it was waiting for)."""
+    failure = _read(os.path.join(run_dir, "failure.json")) or {}
+    if not (who and who.startswith("stage")):
+        return failure.get("error") or f"{who} {_describe_exit(status)}"
+    stopped = _read(os.path.join(run_dir, "stopped.json")) or {}
+    detail = f"{who} {_describe_exit(status)}"
+    said = (_read(stage_account(run_dir, int(who.split()[1]))) or {}).get("error")
+    if said:
+        detail += ": " + said.removeprefix(f"{who}: ")
+    step = failure.get("last_completed_step", stopped.get("last_completed_step"))
+    if step is not None:
+        detail += f" (last completed step {step})"
+    report.write_json(os.path.join(run_dir, "failure.json"),
+                      {"error": detail, "failed": who, "last_completed_step": step,
+                       "coordinator_saw": failure.get("error"), "stage_said": said})
+    return detail
 
 
 def write_timeline(run_dir: str, quiet: bool = False) -> None:
