@@ -89,10 +89,14 @@ def ensure_writable(path: str, what: str = "cannot write") -> None:
         raise ConfigError(f"{what} {path}: folder {folder} is missing or not writable")
 
 
+TEMPORARY = ".tmp-"    # the prefix of atomic_write's temporary files
+
+
 def atomic_write(path: str, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, fsync, rename: readers never see half a file.
+    A writer killed mid-way leaves the temporary file (checkpoint.discard_unfinished)."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMPORARY)
     try:
         umask = os.umask(0)
         os.umask(umask)

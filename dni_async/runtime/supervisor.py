@@ -22,7 +22,9 @@ import time
 from dni_async.nn import network
 from dni_async import report
 from dni_async.config import Config, ConfigError
-from dni_async.runtime.runspec import RunSpec, check_ports_free, plan_endpoints, remove_ipc_files
+from dni_async.runtime import checkpoint
+from dni_async.runtime.runspec import (RunSpec, all_endpoints, check_ports_free, plan_endpoints,
+                                       release_ipc, remove_ipc_files)
 from dni_async.runtime.stage import account_path as stage_account
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -211,9 +213,11 @@ class Supervisor:
 def resume(run_dir: str, json_path: str | None = None, quiet: bool = False,
            live: bool = False) -> int:
     """Continue a run from its newest good checkpoint, with fresh endpoints."""
-    from dni_async.runtime import checkpoint
-    from dni_async.runtime.runspec import RunSpec
     old = RunSpec.load(os.path.join(run_dir, "config.json"))
+    # what the previous attempt left if `train` itself was killed, so that nobody swept after
+    # it: ipc files of children killed before they could remove theirs, unfinished checkpoints
+    release_ipc(all_endpoints(old.endpoints))
+    checkpoint.discard_unfinished(run_dir)
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         raise ConfigError(f"{run_dir} finished already (its summary.json is there): nothing to "
                           "resume; start a new run, or train longer with a new run folder")
@@ -275,6 +279,8 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         remove_ipc_files(spec.endpoints)
         if ipc_dir:
             shutil.rmtree(ipc_dir, ignore_errors=True)
+        # every process has gone: what a killed one was writing will never be finished
+        checkpoint.discard_unfinished(spec.run_dir)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if status not in (0, EXIT_INTERRUPTED) and who != "coordinator" \
