@@ -5,8 +5,9 @@ end well, and each is checked (`chaos_case.py`, `chaos_checks.py`).
 
 First one undisturbed run gives the result every other must reach and the time span in which
 disturbances land. Each case draws its plan from its own stream, seeded by the seed and its
-index, so `--seed S --from-run I --runs 1` draws case I's plan again. The plan (what, whom,
-when) is replayed exactly; the scheduling of the processes around it is not. The tool lives
+index, so `--seed S --span T --from-run I --runs 1` (the header prints it) draws case I's plan
+again: what, to whom, and when are replayed exactly; how the processes are scheduled around
+it is not. The tool lives
 beside the bench in `measure/`: like it, it drives whole runs from outside through the `train`
 command and reports on them, and no process of a run ever imports it.
 """
@@ -28,7 +29,8 @@ from dni_async.measure import chaos_checks as checks
 from dni_async.nn.modes import mode_of
 
 OUTCOMES = ("finished", "resumed", "failed before a checkpoint", "broken")
-LABELS = ("none", "kill train", "kill coordinator", "kill stage", "stop coordinator",
+LATE = "none (came too late)"     # a disturbance planned for after the run had ended
+LABELS = ("none", LATE, "kill train", "kill coordinator", "kill stage", "stop coordinator",
           "stop stage", "stop+cont coordinator", "stop+cont stage")
 
 
@@ -44,6 +46,9 @@ def build_parser() -> ArgumentParser:
                                                       "exactly; default backprop)")
     p.add_argument("--epochs", type=int, default=15, help="epochs of each run (tiny preset; "
                                                           "default 15)")
+    p.add_argument("--span", type=float, metavar="SECONDS",
+                   help="disturbances land within this long after every process of a run "
+                        "exists (default: how long the undisturbed run had them all)")
     p.add_argument("--peer-timeout", type=float, default=1.0, metavar="SECONDS",
                    help="the runs' peer_timeout_s (default 1)")
     p.add_argument("--work-dir", help="folder for the runs (default: a temporary one, removed "
@@ -65,6 +70,8 @@ def run_settings(args) -> tuple[list, object]:
                           "the lockstep modes (backprop, gpipe) reach after a resume")
     if not 1 <= args.runs <= 9999 or args.from_run < 0:
         raise ConfigError("--runs must be in 1..9999 and --from-run >= 0")
+    if args.span is not None and not args.span > 0:
+        raise ConfigError(f"--span must be positive, got {args.span:g}")
     flags = ["--preset", "tiny"]
     for k, v in values.items():
         if k != "preset":
@@ -91,7 +98,7 @@ def undisturbed(work: str, flags: list, n_procs: int, limit_s: float):
 def counts(cases: list) -> dict:
     table = {}
     for c in cases:
-        row = c["label"] if c["applied"] else "none"
+        row = c["label"] if c["applied"] else "none" if c["plan"]["kind"] == "none" else LATE
         table.setdefault(row, dict.fromkeys(OUTCOMES, 0))[c["outcome"]] += 1
     order = [r for r in LABELS if r in table] + sorted(set(table) - set(LABELS))
     return {r: table[r] for r in order}
@@ -116,6 +123,8 @@ def _case_line(i: int, c: dict) -> str:
     if c["status"] != 0:
         text += f" [{c['cause'] or 'status ' + str(c['status'])}; ended {c['ended_s']:.1f} s " \
                 f"after, deadline {c['deadline_s']:.1f} s]"
+    elif c.get("note"):
+        text += f" [{c['note']}]"
     return text + "".join(f"\n    problem: {p}" for p in c["problems"])
 
 
@@ -151,17 +160,19 @@ def run_all(args, flags: list, cfg, seed: int, work: str) -> list | None:
     """The undisturbed run, then every case; prints the table. None if the undisturbed run
     failed (nothing to compare with)."""
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
-    say(f"dni-async chaos: seed {seed}, {args.runs} runs of {args.mode} "
-        f"(tiny, {args.epochs} epochs, peer_timeout_s {args.peer_timeout:g}) in {work}\n"
-        f"replay case I with: dni-async chaos --seed {seed} --from-run I --runs 1")
+    say(f"dni-async chaos: seed {seed}, {args.runs} run{'s' * (args.runs != 1)} of {args.mode} "
+        f"(tiny, {args.epochs} epochs, peer_timeout_s {args.peer_timeout:g}) in {work}")
     try:
-        expected, took, span = undisturbed(work, flags, cfg.n_stages + 1, 300.0)
+        expected, took, up_s = undisturbed(work, flags, cfg.n_stages + 1, 300.0)
     except (ConfigError, subprocess.SubprocessError) as exc:
         print(f"dni-async chaos: {exc}", file=sys.stderr)
         return None
+    span = round(args.span or up_s, 3)
     limits = case_mod.limits_for(cfg, took)
-    say(f"undisturbed run: {took:.1f} s, {span:.1f} s of it with every process up; a disturbed "
-        f"run must end within {limits.detect_s:.1f} s of the disturbance")
+    say(f"undisturbed run: {took:.1f} s, {up_s:.1f} s of it with every process up; a disturbed "
+        f"run must end within {limits.detect_s:.1f} s of the disturbance\n"
+        f"replay case I with: dni-async chaos --seed {seed} --span {span:g} --from-run I "
+        f"--runs 1")
     cases = []
     for i in range(args.from_run, args.from_run + args.runs):
         plan = case_mod.draw_plan(random.Random(f"{seed}:{i}"), cfg.n_stages, span,

@@ -170,7 +170,7 @@ def run_case(plan: Plan, run_dir: str, flags: list, n_procs: int, limits: Limits
     applied = disturb(plan, train, procs)
     deadline = applied_at + limits.detect_s if applied else t0 + limits.finish_s
     problems = [] if end_by(train, procs, deadline) else [
-        f"hung: still running {deadline - (applied_at if applied else t0):.1f} s after "
+        f"hung: still running {limits.detect_s if applied else limits.finish_s:.1f} s after "
         + ("the disturbance" if applied else "its start")]
     first = endpoints(run_dir)
     swept = not (applied and plan.target == "train")
@@ -180,10 +180,13 @@ def run_case(plan: Plan, run_dir: str, flags: list, n_procs: int, limits: Limits
     with open(run_dir + ".log") as fh:
         said = fh.read()
     cause = checks.failure_text(said, run_dir)
+    note = " | ".join(ln.split(": ", 1)[1] for ln in said.splitlines()
+                      if ln.startswith("dni-async train:") and "after its final report" in ln)
+    since = applied_at if applied else t0
     case = {"plan": asdict(plan), "does": plan.describe(), "label": plan.label,
             "applied": applied, "up_s": round(up - t0, 3), "status": train.returncode,
-            "cause": cause, "ended_s": round(ended - (applied_at if applied else t0), 3),
-            "deadline_s": round(deadline - (applied_at if applied else t0), 3)}
+            "cause": cause, "note": note, "ended_s": round(ended - since, 3),
+            "deadline_s": round(deadline - since, 3)}
     summary = checks.read_json(os.path.join(run_dir, "summary.json"))
     if train.returncode == 0 or (summary and applied and plan.target == "train"):
         # (train killed after the coordinator had written the summary: the run is complete)
