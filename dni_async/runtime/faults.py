@@ -37,7 +37,8 @@ class Fault:
         """Fire at the BATCH-th batch; True when this batch's message on is to be dropped."""
         if batches != self.at:
             return False
-        print(f"stage: injected fault {self.kind} at batch {batches}", file=sys.stderr, flush=True)
+        where = "after its final report" if batches == FINAL else f"at batch {batches}"
+        print(f"stage: injected fault {self.kind} {where}", file=sys.stderr, flush=True)
         if self.kind == "drop":
             return True
         if self.kind == "exit":
