@@ -181,7 +181,7 @@ def run_case(plan: Plan, run_dir: str, flags: list, n_procs: int, limits: Limits
         said = fh.read()
     cause = checks.failure_text(said, run_dir)
     note = " | ".join(ln.split(": ", 1)[1] for ln in said.splitlines()
-                      if ln.startswith("dni-async train:") and "after its final report" in ln)
+                      if ln.startswith("dni-async train:") and "after the run had completed" in ln)
     since = applied_at if applied else t0
     case = {"plan": asdict(plan), "does": plan.describe(), "label": plan.label,
             "applied": applied, "up_s": round(up - t0, 3), "status": train.returncode,

@@ -168,18 +168,13 @@ class Supervisor:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"dni-async train: {name} did not exit after its final report; "
+                print(f"dni-async train: {name} did not exit after the run had completed; "
                       "stopping it", file=sys.stderr)
                 continue     # stop_all ends it
             if p.returncode != 0:
-                print(f"dni-async train: {name} {_describe_exit(p.returncode)} after its final "
-                      "report; the run is complete", file=sys.stderr)
+                print(f"dni-async train: {name} {_describe_exit(p.returncode)} after the run "
+                      "had completed; its summary is written", file=sys.stderr)
         return 0, None
-
-    def coordinator_finished(self) -> bool:
-        """The coordinator ended well: every stage had reported, the summary is written."""
-        coord = self.procs.get("coordinator")
-        return coord is not None and coord.poll() == 0
 
     def interrupt_coordinator(self, wait_s: float = 1.6) -> None:
         """Ask the coordinator for an orderly stop (drain, checkpoint, stop the stages)."""
@@ -283,11 +278,12 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         checkpoint.discard_unfinished(spec.run_dir)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if status not in (0, EXIT_INTERRUPTED) and who != "coordinator" \
-            and sup.coordinator_finished():
-        # a stage failed after its final report, while the coordinator wrote the summary
-        print(f"dni-async train: {who} {_describe_exit(status)} after its final report; "
-              "the run is complete", file=sys.stderr)
+    if status != 0 and completed(spec.run_dir):
+        # a process killed (or Ctrl-C) after every stage had reported and the summary was
+        # written: the run's result is whole, and --resume would refuse it as finished
+        what = "interrupted" if who is None else f"{who} {_describe_exit(status)}"
+        print(f"dni-async train: {what} after the run had completed; its summary is written",
+              file=sys.stderr)
         status = 0
     if status == EXIT_INTERRUPTED:
         stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
@@ -310,6 +306,12 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         return 0
     print(f"dni-async train: failed: {_failure(spec.run_dir, status, who)}", file=sys.stderr)
     return EXIT_FAILED if status < 0 else max(1, min(status, 125))
+
+
+def completed(run_dir: str) -> bool:
+    """The coordinator writes summary.json last, only once every stage has sent its final
+    report (and `prepare` removes an earlier attempt's): its presence means a complete run."""
+    return os.path.exists(os.path.join(run_dir, "summary.json"))
 
 
 def _failure(run_dir: str, status: int, who: str | None) -> str:
