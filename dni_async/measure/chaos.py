@@ -44,8 +44,8 @@ def build_parser() -> ArgumentParser:
                    help="first case's index: with --runs 1, replays case I of a seed")
     p.add_argument("--mode", default="backprop", help="backprop | gpipe (lockstep modes resume "
                                                       "exactly; default backprop)")
-    p.add_argument("--epochs", type=int, default=15, help="epochs of each run (tiny preset; "
-                                                          "default 15)")
+    p.add_argument("--epochs", type=int, default=40, help="epochs of each run (tiny preset; "
+                                                          "default 40)")
     p.add_argument("--span", type=float, metavar="SECONDS",
                    help="disturbances land within this long after every process of a run "
                         "exists (default: how long the undisturbed run had them all)")
