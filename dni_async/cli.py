@@ -1,4 +1,5 @@
-"""The `dni-async` command: train, watch, plot, reference, bench, experiment, plan, keys, stage.
+"""The `dni-async` command: train, watch, plot, reference, bench, chaos, experiment, plan, keys,
+stage.
 
 Bad settings end here with one line on stderr and exit status 2, before any process starts.
 """
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="measure every mode side by side (see dni-async bench -h)",
                    add_help=False)
+    sub.add_parser("chaos", help="short runs, each with a random SIGKILL or SIGSTOP; checks "
+                                 "that every one ends well (see dni-async chaos -h)",
+                   add_help=False)
     sub.add_parser("experiment", help="the results table, sweeps, gradient fidelity, the seed "
                                       "post's DNI run (see dni-async experiment -h)",
                    add_help=False)
@@ -296,6 +300,9 @@ def main(argv=None) -> int:
     if argv[0] == "bench":   # bench parses its own flags (REMAINDER would drop "--x" ones)
         from dni_async.measure.bench import command as bench
         return bench.main(argv[1:])
+    if argv[0] == "chaos":   # parses its own flags, like bench
+        from dni_async.measure import chaos
+        return chaos.main(argv[1:])
     if argv[0] == "experiment":   # parses its own flags, like bench
         from dni_async.experiments import command as experiment
         return experiment.main(argv[1:])

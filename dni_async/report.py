@@ -92,8 +92,12 @@ def ensure_writable(path: str, what: str = "cannot write") -> None:
         raise ConfigError(f"{what} {path}: folder {folder} is missing or not writable")
 
 
+TEMPORARY = ".tmp-"    # the prefix of atomic_write's temporary files
+
+
 def atomic_write(path: str, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, fsync, rename: readers never see half a file.
+    A writer killed mid-way leaves the temporary file (checkpoint.discard_unfinished)."""
     with atomic_file(path) as fh:
         fh.write(data)
 
@@ -103,7 +107,7 @@ def atomic_file(path: str):
     """A file to write in place of `path`: a temporary one beside it, fsynced and renamed over
     `path` when the block ends without an error, removed when it fails."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMPORARY)
     try:
         umask = os.umask(0)
         os.umask(umask)

@@ -143,3 +143,18 @@ def test_resume_without_checkpoints_is_a_clear_error(tmp_path):
     (tmp_path / "summary.json").unlink()     # as if it had stopped before any checkpoint
     r = cli("train", "--resume", tmp_path)
     assert r.returncode == 2 and "no usable checkpoint" in r.stderr
+
+
+def test_resume_sweeps_what_a_killed_train_left(tmp_path):
+    """`train` SIGKILLed during start-up: children that died before they could remove their ipc
+    files, and writers killed mid-checkpoint, leave things nobody else sweeps; the resume does."""
+    from dni_async.runtime import supervisor
+    spec, ipc_dir = supervisor.prepare(make_config({"preset": "tiny"}), str(tmp_path))
+    for ep in (spec.endpoints["control"], spec.endpoints["fwd_in"][1]):
+        open(ep[len("ipc://"):], "w").close()
+    half = checkpoint.folder(str(tmp_path), 20)
+    os.makedirs(half)
+    open(os.path.join(half, ".tmp-x"), "w").close()
+    r = cli("train", "--resume", tmp_path)
+    assert r.returncode == 2 and "no usable checkpoint" in r.stderr
+    assert not os.path.exists(ipc_dir) and not os.path.exists(half)

@@ -174,3 +174,57 @@ def test_a_lost_message_ends_the_run_naming_the_step(no_leftovers, mode):
         assert 29 in holding[1]["pending_targets"] and holding[0]["held"] == []
     else:                   # the lockstep waiting table: both stages hold step 29
         assert 29 in holding[0]["held"] and 29 in holding[1]["held"]
+
+
+QUICK = ["--preset", "tiny", "--mode", "backprop", "--epochs", "1000",
+         "--set", "peer_timeout_s=1", "--set", "heartbeat_s=0.2"]
+
+
+def test_a_stopped_coordinator_is_named_by_the_stages_that_lose_it(no_leftovers):
+    """SIGSTOP the coordinator: the stages give up on it, and the failure says whom they lost,
+    not only which stage happened to exit first."""
+    proc = start_train(no_leftovers, *QUICK, "--checkpoint-every", "1")
+    deadline = time.monotonic() + 60
+    while not (no_leftovers / "checkpoints").exists():   # training, not still starting up
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
+        time.sleep(0.05)
+    coord = next(p for p in procs_mentioning(str(no_leftovers))
+                 if " coordinator " in open(f"/proc/{p}/cmdline").read().replace("\0", " "))
+    os.kill(coord, signal.SIGSTOP)
+    rc, err = finish(proc, 30)
+    failed = [ln for ln in err.splitlines() if "train: failed:" in ln]
+    assert rc != 0 and failed and "no word from the coordinator" in failed[0], err
+    failure = json.loads((no_leftovers / "failure.json").read_text())
+    assert "no word from the coordinator" in failure["stage_said"]
+
+
+def test_a_stage_that_never_says_hello_is_named_not_its_waiting_peers(no_leftovers):
+    proc = start_train(no_leftovers, *QUICK, "--set", "startup_timeout_s=3",
+                       env={"DNI_ASYNC_FAULT": "2:hang:0"})
+    rc, err = finish(proc, 30)
+    assert rc != 0 and "failed: stage 2 did not say hello within 3 s" in err, err
+
+
+def test_a_stage_that_dies_after_its_final_report_leaves_the_run_complete(no_leftovers):
+    """Killed on its way out, after its weights and report were in: the run is complete, and
+    `train` says so rather than fail a run whose summary is written."""
+    proc = start_train(no_leftovers, "--preset", "tiny", "--mode", "backprop",
+                       env={"DNI_ASYNC_FAULT": "1:exit:final"})
+    rc, err = finish(proc, 60)
+    assert rc == 0, err
+    assert "stage 1 exited with status 17 after the run had completed; its summary is written" \
+        in err
+    assert (no_leftovers / "summary.json").exists()
+
+
+def test_silence_is_counted_from_the_start_not_from_each_hello():
+    """Stages send nothing between hello and start: one that said hello long before the last
+    stage did must not be found silent the moment the run starts."""
+    from dni_async.config import make_config
+    from dni_async.runtime.control import ControlPlane
+    plane = ControlPlane.__new__(ControlPlane)      # its bookkeeping, without sockets
+    plane.n, plane.cfg = 2, make_config({"peer_timeout_s": 1, "heartbeat_s": 0.2})
+    plane.last_seen = {0: time.monotonic() - 5.0, 1: time.monotonic()}   # hellos 5 s apart
+    plane.broadcast = lambda kind, meta=None: None
+    plane.start()
+    plane.beat_and_check(-1)                        # no "stage 0 has been silent for 5.0 s"

@@ -6,6 +6,7 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step-<N>/` holding one file per st
 sha256 of every other file. Every file is written atomically (temporary file, fsync, rename),
 so a folder without a manifest is an unfinished checkpoint and a file whose hash differs from
 the manifest is a damaged one; both are refused, and the previous checkpoint is used instead.
+Once no process of the run is left, unfinished ones are removed (`discard_unfinished`).
 
 The coordinator takes a checkpoint only when no batch is in flight, so in lockstep modes the
 snapshot is exactly the state an uninterrupted run has at that step. In dni/cdni, each stage
@@ -25,6 +26,7 @@ import zipfile
 import numpy as np
 
 from dni_async import report
+from dni_async.report import TEMPORARY
 
 MANIFEST = "manifest.json"
 BLOCK = 8 << 20          # bytes hashed, or written and fsynced, before a pause
@@ -169,6 +171,26 @@ def latest_good(run_dir: str, log=print) -> str:
             except OSError:
                 pass
     raise CheckpointError(f"no usable checkpoint in {run_dir}")
+
+
+def discard_unfinished(run_dir: str) -> list:
+    """Remove what writers killed mid-way left: checkpoint folders without a manifest and the
+    temporary files of atomic writes (`.tmp-*`). Call only when no process of the run is left
+    to finish them. Returns what was removed, relative to the run folder."""
+    removed = []
+    for ckpt in candidates(run_dir):
+        if not os.path.exists(os.path.join(ckpt, MANIFEST)):
+            shutil.rmtree(ckpt, ignore_errors=True)
+            removed.append(ckpt)
+    for folder, _, files in os.walk(run_dir):
+        for name in files:
+            if name.startswith(TEMPORARY):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                    removed.append(os.path.join(folder, name))
+                except OSError:
+                    pass
+    return [os.path.relpath(p, run_dir) for p in removed]
 
 
 def prune(run_dir: str, keep: int, just_written: str, between=None) -> None:

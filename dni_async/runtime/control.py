@@ -52,6 +52,7 @@ class ControlPlane:
         self.recorder = recorder or flight.FlightRecorder()   # the coordinator's own events
         self.bad_messages = 0
         self.next_beat = float("inf")        # no heartbeats before the start
+        self.next_greeting = 0.0             # but beats to those who said hello (beat_greeted)
 
     def to_stage(self, rank: int, kind: str, meta=None) -> None:
         frames = wire.encode(self.spec.run_id, kind, -1, (), meta)
@@ -109,9 +110,23 @@ class ControlPlane:
         else:
             self.bad_messages += 1
 
+    def beat_greeted(self) -> None:
+        """Before the start, heartbeats to the stages that have said hello: each can then tell
+        a coordinator still waiting for the others' hellos from one that has stopped."""
+        now = time.monotonic()
+        if now >= self.next_greeting:
+            for k in list(self.pids):
+                self.to_stage(k, "heartbeat")
+            self.next_greeting = now + self.cfg.heartbeat_s
+
     def start(self) -> None:
+        """Start every stage; from now on each must be heard every `peer_timeout_s`. Stages
+        send nothing between their hello and the start, so silence counts from here: a stage
+        that said hello long before the last one did is not silent."""
         self.broadcast("start")
-        self.next_beat = time.monotonic() + self.cfg.heartbeat_s
+        now = time.monotonic()
+        self.last_seen = {k: now for k in range(self.n)}
+        self.next_beat = now + self.cfg.heartbeat_s
 
     def beat_and_check(self, last_step: int) -> None:
         """Heartbeats out when due; a stage silent for too long ends the run."""
@@ -142,8 +157,10 @@ class ControlPlane:
                 except StageLost:
                     pass
 
-    def missing(self, have: dict) -> list:
-        return sorted(set(range(self.n)) - set(have))
+    def missing(self, have: dict) -> str:
+        """The stages not in `have`, as a failure names them: "stage 1", "stages 0, 2"."""
+        ranks = sorted(set(range(self.n)) - set(have))
+        return ("stage " if len(ranks) == 1 else "stages ") + ", ".join(map(str, ranks))
 
     def collect_stats(self) -> None:
         """Tell every stage to stop and wait (bounded) for each one's final stats (each saves
@@ -154,7 +171,7 @@ class ControlPlane:
             if self.socket.poll(100):
                 self.on_message()
         if len(self.stats) < self.n:
-            raise StageLost(f"stage(s) {self.missing(self.stats)} sent no final stats")
+            raise StageLost(f"{self.missing(self.stats)} sent no final stats")
 
 
 def trail(step: int, seen: dict, n: int) -> str:

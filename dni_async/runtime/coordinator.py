@@ -177,10 +177,11 @@ class Coordinator:
             if self.interrupted:
                 raise KeyboardInterrupt    # nothing started yet: nothing to checkpoint
             if time.monotonic() > deadline:
-                raise StageLost(f"stage(s) {self.control.missing(self.control.pids)} did not "
+                raise StageLost(f"{self.control.missing(self.control.pids)} did not "
                                 f"say hello within {self.cfg.startup_timeout_s:.0f} s")
             # results too: whatever arrives this early is counted, not left queued
             self._handle(dict(self.poller.poll(100)))
+            self.control.beat_greeted()
         self.control.start()
 
     def _drain_credits(self) -> None:

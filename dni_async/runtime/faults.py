@@ -3,7 +3,9 @@
 `exit` ends the stage process abruptly (os._exit, as a crash would) when it reaches its
 BATCH-th batch (0: at start-up); `hang` stops its loop there without exiting, as a deadlock
 would; `drop` silently discards what the stage would send on for that batch (its output, or
-on the last stage its loss), as a connection reset loses what ZeroMQ had queued.
+on the last stage its loss), as a connection reset loses what ZeroMQ had queued. BATCH
+`final` fires once the stage has sent its final report and closed its sockets, as a process
+killed on its way out would be.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import time
 
 KINDS = ("exit", "hang", "drop")
+FINAL = -1      # BATCH "final": after the final report
 
 
 class Fault:
@@ -25,7 +28,7 @@ class Fault:
         try:
             r, kind, at = spec.split(":")
             if int(r) == rank and kind in KINDS:
-                return cls(kind, int(at))
+                return cls(kind, FINAL if at == "final" else int(at))
         except ValueError:
             pass
         return None
@@ -34,7 +37,8 @@ class Fault:
         """Fire at the BATCH-th batch; True when this batch's message on is to be dropped."""
         if batches != self.at:
             return False
-        print(f"stage: injected fault {self.kind} at batch {batches}", file=sys.stderr, flush=True)
+        where = "after its final report" if batches == FINAL else f"at batch {batches}"
+        print(f"stage: injected fault {self.kind} {where}", file=sys.stderr, flush=True)
         if self.kind == "drop":
             return True
         if self.kind == "exit":

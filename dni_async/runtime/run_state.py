@@ -64,7 +64,7 @@ def take_checkpoint(control, pump, state: RunState, run_dir: str, cfg) -> str:
     deadline = time.monotonic() + limit
     while len(control.acks) < control.n:
         if time.monotonic() > deadline:
-            raise StageLost(f"stage(s) {control.missing(control.acks)} did not confirm the "
+            raise StageLost(f"{control.missing(control.acks)} did not confirm the "
                             f"checkpoint within {limit:.1f} s")
         pump(0.05)
     files = {a["file"]: a["sha256"] for a in control.acks.values()}

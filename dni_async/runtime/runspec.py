@@ -76,10 +76,14 @@ def plan_endpoints(cfg: Config, ipc_dir: str | None) -> dict:
     }
 
 
-def ipc_files(endpoints: dict) -> list:
+def all_endpoints(endpoints: dict) -> list:
     eps = [endpoints.get("control"), endpoints.get("results"), endpoints.get("monitor"),
            *endpoints.get("fwd_in", []), *endpoints.get("grad_in", [])]
-    return [p for p in (wire.endpoint_path(e) for e in eps if e) if p]
+    return [e for e in eps if e]
+
+
+def ipc_files(endpoints: dict) -> list:
+    return [p for p in map(wire.endpoint_path, all_endpoints(endpoints)) if p]
 
 
 def release_ipc(bound: list) -> None:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import zmq
 
+from dni_async import report
 from dni_async.config import ConfigError, parse_slow_stage
 from dni_async.measure.clock import Clock
 from dni_async.measure.float_warnings import FloatWarnings, line as fp_line
@@ -26,7 +27,7 @@ from dni_async.nn import metrics, network, row_blocks
 from dni_async.nn.modes import mode_of
 from dni_async.nn.program import StageProgram
 from dni_async.runtime import checkpoint, preflight, stage_report, stage_snapshot
-from dni_async.runtime.faults import Fault
+from dni_async.runtime.faults import FINAL, Fault
 from dni_async.runtime.heartbeat import Heartbeat
 from dni_async.runtime.replay import Replays
 from dni_async.runtime.runspec import EVAL_CHUNK, RunSpec
@@ -113,21 +114,34 @@ class Stage:
         return 0
 
     def _await_start(self) -> None:
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while time.monotonic() < deadline:
+        """Wait for `start`. Once the coordinator has answered the hello it beats while it
+        waits for the other stages, so silence for `peer_timeout_s` means it has stopped;
+        before that it has its start-up time and a peer timeout more, so that a stage that
+        never says hello is named by the coordinator, not outlived by its waiting peers."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.startup_timeout_s + cfg.peer_timeout_s
+        heard = False
+        while True:
             if _interrupted_at:
                 raise KeyboardInterrupt
+            now = time.monotonic()
+            if heard and now - self.heartbeat.heard_at > cfg.peer_timeout_s:
+                raise PeerLost(f"stage {self.rank}: no word from the coordinator for "
+                               f"{cfg.peer_timeout_s:.0f} s before the start")
+            if now > deadline:
+                raise PeerLost(f"stage {self.rank}: no start from the coordinator within "
+                               f"{cfg.startup_timeout_s + cfg.peer_timeout_s:.0f} s")
             if self.links.control.poll(100):
                 msg = self.links.recv(self.links.control)
                 if msg is None:
                     continue
                 self.heartbeat.heard()
+                heard = True
                 if msg.kind == "start":
                     return
-                if msg.kind == "stop":
-                    raise PeerLost(f"stage {self.rank}: told to stop before the start")
-        raise PeerLost(f"stage {self.rank}: no start from the coordinator within "
-                       f"{self.cfg.startup_timeout_s:.0f} s")
+                if msg.kind == "stop":     # the coordinator gave up (and says why): leave
+                    self.stopping = True
+                    return
 
     def _pump(self, timeout_s: float) -> None:
         links = self.links
@@ -285,6 +299,19 @@ def _install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, note)
 
 
+def account_path(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, f"failure-stage-{rank}.json")
+
+
+def leave_account(spec: RunSpec, rank: int, error: str) -> None:
+    """Why this stage gave up, for whoever names the run's failure: a stage that leaves because
+    the coordinator fell silent exits like any failed stage, and only it knows whom it lost."""
+    try:
+        report.write_json(account_path(spec.run_dir, rank), {"rank": rank, "error": error})
+    except OSError:
+        pass
+
+
 def main(spec_path: str, rank: int) -> int:
     spec = RunSpec.load(spec_path)
     _install_signal_handlers()
@@ -300,9 +327,14 @@ def main(spec_path: str, rank: int) -> int:
         return 130
     try:
         with stage.fp.counting():
-            return stage.run()
+            status = stage.run()
+        if stage.fault:
+            stage.close()
+            stage.fault.maybe_fire(FINAL)
+        return status
     except PeerLost as exc:
         print(f"dni-async: {exc}; exiting", file=sys.stderr)
+        leave_account(spec, rank, str(exc))
         said = fp_line({f"stage {rank}": stage.fp.as_dict()})   # nobody else will say it
         if said:
             print(f"dni-async: {said}", file=sys.stderr)

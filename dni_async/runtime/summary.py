@@ -45,8 +45,9 @@ def build(coord, final: dict, wall: float) -> dict:
 
 
 def write(spec, summary: dict, clock) -> None:
-    report.write_json(os.path.join(spec.run_dir, "summary.json"), summary)
+    """summary.json last: once it is there the run is complete (`supervisor.completed`)."""
     report.write_history_csv(os.path.join(spec.run_dir, "metrics.csv"), summary["history"])
     if spec.trace:
         from dni_async.measure import trace
         trace.write_spans(spec.run_dir, "coordinator", os.getpid(), clock.spans)
+    report.write_json(os.path.join(spec.run_dir, "summary.json"), summary)

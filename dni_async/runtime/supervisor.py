@@ -23,7 +23,10 @@ from dni_async.nn import network
 from dni_async import report
 from dni_async.measure import float_warnings
 from dni_async.config import Config, ConfigError
-from dni_async.runtime.runspec import RunSpec, check_ports_free, plan_endpoints, remove_ipc_files
+from dni_async.runtime import checkpoint
+from dni_async.runtime.runspec import (RunSpec, all_endpoints, check_ports_free, plan_endpoints,
+                                       release_ipc, remove_ipc_files)
+from dni_async.runtime.stage import account_path as stage_account
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -40,6 +43,13 @@ def child_env(blas_threads: int = 1) -> dict:
         env[k] = str(blas_threads)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def verdict_wait_s(cfg: Config) -> float:
+    """How long `train` waits, once a stage has failed, for the coordinator to end by itself:
+    its next heartbeat finds a dead stage unreachable, and a second more lets it write its
+    account (or the summary, if the stage failed after its final report)."""
+    return cfg.heartbeat_s + 1.0
 
 
 def _die_with_parent() -> None:
@@ -69,9 +79,11 @@ def prepare(cfg: Config, run_dir: str | None, trace: bool = False,
         os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"cannot write the run folder {run_dir}: {exc.strerror}") from None
-    for stale in ("failure.json", "stopped.json", "summary.json"):   # from an earlier attempt
-        if os.path.exists(os.path.join(run_dir, stale)):
-            os.unlink(os.path.join(run_dir, stale))
+    stale = ["failure.json", "stopped.json", "summary.json",          # from an earlier attempt
+             *(os.path.basename(stage_account(run_dir, k)) for k in range(cfg.n_stages))]
+    for name in stale:
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.unlink(os.path.join(run_dir, name))
     ipc_dir = tempfile.mkdtemp(prefix="dni-") if cfg.transport == "ipc" else None
     try:
         endpoints = plan_endpoints(cfg, ipc_dir)
@@ -135,19 +147,35 @@ class Supervisor:
             for name, p in self.procs.items():
                 # a stage that fails makes the run fail; one that ends cleanly was told to stop
                 if name != "coordinator" and p.poll() not in (None, 0):
-                    time.sleep(0.2)   # let the coordinator write its own account first
+                    self._await_verdict(coord)
                     return p.returncode, name
             tick(0.05)
 
+    def _await_verdict(self, coord) -> None:
+        """A stage has failed: let the coordinator see it too and write its own account, or
+        finish the summary if the stage failed after its final report. Bounded: a coordinator
+        that has not ended by then (stuck itself, or still waiting for a stage that never
+        said hello) is stopped."""
+        try:
+            coord.wait(verdict_wait_s(self.spec.config))
+        except subprocess.TimeoutExpired:
+            pass
+
     def _await_stages(self) -> tuple[int, str | None]:
+        """The coordinator ended well, so every stage had saved its weights and sent its final
+        report: the run is complete, and summary.json says so. A stage that then fails to
+        leave cleanly (killed while closing, say) is reported, but does not fail the run."""
         deadline = time.monotonic() + 5.0
         for name, p in self.procs.items():
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                return EXIT_FAILED, name
+                print(f"dni-async train: {name} did not exit after the run had completed; "
+                      "stopping it", file=sys.stderr)
+                continue     # stop_all ends it
             if p.returncode != 0:
-                return p.returncode, name
+                print(f"dni-async train: {name} {_describe_exit(p.returncode)} after the run "
+                      "had completed; its summary is written", file=sys.stderr)
         return 0, None
 
     def interrupt_coordinator(self, wait_s: float = 1.6) -> None:
@@ -184,6 +212,10 @@ def resume_point(run_dir: str) -> tuple[RunSpec, str]:
     started anywhere), or one ConfigError line saying why there is none."""
     from dni_async.runtime import checkpoint
     old = RunSpec.load(os.path.join(run_dir, "config.json"))
+    # what the previous attempt left if `train` itself was killed, so that nobody swept after
+    # it: ipc files of children killed before they could remove theirs, unfinished checkpoints
+    release_ipc(all_endpoints(old.endpoints))
+    checkpoint.discard_unfinished(run_dir)
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         raise ConfigError(f"{run_dir} finished already (its summary.json is there): nothing to "
                           "resume; start a new run, or train longer with a new run folder")
@@ -252,8 +284,17 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         remove_ipc_files(spec.endpoints)
         if ipc_dir:
             shutil.rmtree(ipc_dir, ignore_errors=True)
+        # every process has gone: what a killed one was writing will never be finished
+        checkpoint.discard_unfinished(spec.run_dir)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if status != 0 and completed(spec.run_dir):
+        # a process killed (or Ctrl-C) after every stage had reported and the summary was
+        # written: the run's result is whole, and --resume would refuse it as finished
+        what = "interrupted" if who is None else f"{who} {_describe_exit(status)}"
+        print(f"dni-async train: {what} after the run had completed; its summary is written",
+              file=sys.stderr)
+        status = 0
     if status == EXIT_INTERRUPTED:
         stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
         where = stopped.get("checkpoint")
@@ -273,24 +314,39 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
         if trace and timeline:
             write_timeline(spec.run_dir, quiet)
         return 0
-    failure = _read(os.path.join(spec.run_dir, "failure.json")) or {}
-    stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
-    if who and who.startswith("stage"):
-        # the supervisor saw it first-hand; the coordinator's account may describe the aftermath
-        detail = f"{who} {_describe_exit(status)}"
-        step = failure.get("last_completed_step", stopped.get("last_completed_step"))
-        if status == EXIT_REFUSED:    # its own check of the settings, before training
-            detail = f"{who} refused to start (the line above says why)"
-        elif step is not None:
-            detail += f" (last completed step {step})"
-        # the coordinator's account (open steps, flight record) stays, under this headline
-        report.write_json(os.path.join(spec.run_dir, "failure.json"),
-                          {**failure, "error": detail, "failed": who,
-                           "last_completed_step": step, "coordinator_saw": failure.get("error")})
-    else:
-        detail = failure.get("error") or f"{who} {_describe_exit(status)}"
-    print(f"dni-async train: failed: {detail}", file=sys.stderr)
+    print(f"dni-async train: failed: {_failure(spec.run_dir, status, who)}", file=sys.stderr)
     return EXIT_FAILED if status < 0 else max(1, min(status, 125))
+
+
+def completed(run_dir: str) -> bool:
+    """The coordinator writes summary.json last, only once every stage has sent its final
+    report (and `prepare` removes an earlier attempt's): its presence means a complete run."""
+    return os.path.exists(os.path.join(run_dir, "summary.json"))
+
+
+def _failure(run_dir: str, status: int, who: str | None) -> str:
+    """The run's failure in one line; failure.json rewritten when a stage failed, since the
+    supervisor saw that first-hand (the coordinator's account may describe the aftermath, and
+    a stage that gave up on a peer says whom it was waiting for)."""
+    failure = _read(os.path.join(run_dir, "failure.json")) or {}
+    if not (who and who.startswith("stage")):
+        return failure.get("error") or f"{who} {_describe_exit(status)}"
+    stopped = _read(os.path.join(run_dir, "stopped.json")) or {}
+    detail = f"{who} {_describe_exit(status)}"
+    said = (_read(stage_account(run_dir, int(who.split()[1]))) or {}).get("error")
+    step = failure.get("last_completed_step", stopped.get("last_completed_step"))
+    if status == EXIT_REFUSED:    # its own check of the settings, before training
+        detail = f"{who} refused to start (the line above says why)"
+    else:
+        if said:
+            detail += ": " + said.removeprefix(f"{who}: ")
+        if step is not None:
+            detail += f" (last completed step {step})"
+    # the coordinator's account (open steps, flight record) stays, under this headline
+    report.write_json(os.path.join(run_dir, "failure.json"),
+                      {**failure, "error": detail, "failed": who, "last_completed_step": step,
+                       "coordinator_saw": failure.get("error"), "stage_said": said})
+    return detail
 
 
 def write_timeline(run_dir: str, quiet: bool = False) -> None:
