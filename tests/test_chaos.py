@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from random import Random
 
 import numpy as np
@@ -72,6 +73,9 @@ def test_leftover_ipc_files_and_processes_are_seen(tmp_path):
     run_dir = str(tmp_path / "run")
     straggler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", run_dir])
     try:
+        deadline = time.monotonic() + 5    # a process just started can show an empty cmdline
+        while run_dir not in checks.cmdline(straggler.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         left = checks.leftover_processes({}, run_dir, 0.2)
         assert left == [f"pid {straggler.pid}"]
         assert straggler.wait(5) == -9                 # and it was ended
