@@ -123,6 +123,15 @@ def atomic_file(path: str):
         raise
 
 
+def read_json(path: str):
+    """A JSON file's contents, or None if it is missing or not (yet, or wholly) JSON."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
 def write_json(path: str, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=_jsonable).encode())
 

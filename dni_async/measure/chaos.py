@@ -91,7 +91,7 @@ def undisturbed(work: str, flags: list, n_procs: int, limit_s: float):
         with open(run_dir + ".log") as fh:
             tail = (fh.read().strip().splitlines() or ["?"])[-1]
         raise ConfigError(f"the undisturbed run failed ({train.returncode}): {tail}")
-    summary = checks.read_json(os.path.join(run_dir, "summary.json"))
+    summary = report.read_json(os.path.join(run_dir, "summary.json"))
     return checks.result_of(summary), time.monotonic() - t0, time.monotonic() - up
 
 

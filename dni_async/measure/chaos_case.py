@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from dni_async import report
 from dni_async.measure import chaos_checks as checks
 
 START_S = 30.0          # for every process of a run to exist
@@ -142,7 +143,7 @@ def end_by(train: subprocess.Popen, procs: dict, deadline: float) -> bool:
 
 
 def endpoints(run_dir: str) -> dict:
-    return (checks.read_json(os.path.join(run_dir, "config.json")) or {}).get("endpoints", {})
+    return (report.read_json(os.path.join(run_dir, "config.json")) or {}).get("endpoints", {})
 
 
 def leftovers(run_dir: str, procs: dict, wait_s: float, files_of: list | None) -> list:
@@ -187,7 +188,7 @@ def run_case(plan: Plan, run_dir: str, flags: list, n_procs: int, limits: Limits
             "applied": applied, "up_s": round(up - t0, 3), "status": train.returncode,
             "cause": cause, "note": note, "ended_s": round(ended - since, 3),
             "deadline_s": round(deadline - since, 3)}
-    summary = checks.read_json(os.path.join(run_dir, "summary.json"))
+    summary = report.read_json(os.path.join(run_dir, "summary.json"))
     if train.returncode == 0 or (summary and applied and plan.target == "train"):
         # (train killed after the coordinator had written the summary: the run is complete)
         why = checks.differs(summary, expected)
@@ -228,7 +229,7 @@ def _resume(run_dir: str, limits: Limits, expected: dict, first: dict):
     info = {"status": proc.returncode, "said": said.splitlines()[-1] if said else "",
             "checkpoints_before": had}
     if proc.returncode == 0:
-        why = checks.differs(checks.read_json(os.path.join(run_dir, "summary.json")), expected)
+        why = checks.differs(report.read_json(os.path.join(run_dir, "summary.json")), expected)
         return "resumed", problems + ([why] if why else []), info
     if proc.returncode == 2 and "no usable checkpoint" in said and had == 0:
         return "failed before a checkpoint", problems, info

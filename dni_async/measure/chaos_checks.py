@@ -8,11 +8,11 @@ other program later is never mistaken for one of the run's.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
+from dni_async import report
 from dni_async.runtime import checkpoint
 from dni_async.runtime.runspec import ipc_files
 
@@ -131,19 +131,11 @@ def complete_checkpoints(run_dir: str) -> int:
                for c in checkpoint.candidates(run_dir))
 
 
-def read_json(path: str):
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
-
-
 def failure_text(stderr: str, run_dir: str) -> str:
     """What the run said about its failure: train's `failed:` line and failure.json's error."""
     said = [ln.split("failed:", 1)[1].strip() for ln in stderr.splitlines()
             if ln.startswith("dni-async train: failed:")]
-    failure = read_json(os.path.join(run_dir, "failure.json")) or {}
+    failure = report.read_json(os.path.join(run_dir, "failure.json")) or {}
     if failure.get("error"):
         said.append(str(failure["error"]))
     return " | ".join(dict.fromkeys(said))

@@ -9,7 +9,6 @@ with the supervisor (PR_SET_PDEATHSIG), so not even a SIGKILL of `train` leaves 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -296,7 +295,7 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
               file=sys.stderr)
         status = 0
     if status == EXIT_INTERRUPTED:
-        stopped = _read(os.path.join(spec.run_dir, "stopped.json")) or {}
+        stopped = report.read_json(os.path.join(spec.run_dir, "stopped.json")) or {}
         where = stopped.get("checkpoint")
         if where:
             print(f"dni-async train: interrupted; checkpoint {where}\n"
@@ -306,7 +305,7 @@ def train(cfg: Config, run_dir: str | None = None, json_path: str | None = None,
                   file=sys.stderr)
         return EXIT_INTERRUPTED
     if status == 0:
-        summary = _read(os.path.join(spec.run_dir, "summary.json"))
+        summary = report.read_json(os.path.join(spec.run_dir, "summary.json"))
         if json_path:
             report.write_json(json_path, summary)
         if not quiet:
@@ -328,12 +327,12 @@ def _failure(run_dir: str, status: int, who: str | None) -> str:
     """The run's failure in one line; failure.json rewritten when a stage failed, since the
     supervisor saw that first-hand (the coordinator's account may describe the aftermath, and
     a stage that gave up on a peer says whom it was waiting for)."""
-    failure = _read(os.path.join(run_dir, "failure.json")) or {}
+    failure = report.read_json(os.path.join(run_dir, "failure.json")) or {}
     if not (who and who.startswith("stage")):
         return failure.get("error") or f"{who} {_describe_exit(status)}"
-    stopped = _read(os.path.join(run_dir, "stopped.json")) or {}
+    stopped = report.read_json(os.path.join(run_dir, "stopped.json")) or {}
     detail = f"{who} {_describe_exit(status)}"
-    said = (_read(stage_account(run_dir, int(who.split()[1]))) or {}).get("error")
+    said = (report.read_json(stage_account(run_dir, int(who.split()[1]))) or {}).get("error")
     step = failure.get("last_completed_step", stopped.get("last_completed_step"))
     if status == EXIT_REFUSED:    # its own check of the settings, before training
         detail = f"{who} refused to start (the line above says why)"
@@ -385,14 +384,6 @@ def _hold_signals(signals) -> None:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _read(path: str):
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
 
 
 def summary_text(s: dict) -> str:
