@@ -85,17 +85,20 @@ class OneProcess:
         if measure:
             caches = [p.last.cache for p in self.programs]
             fidelity.append(_fidelity_row(self.models, step, caches, self.sent, w_fwd))
-        if self.delay:     # generators' targets wait; a coupled stage's gradient does not
-            late = [k for k in range(n) if self.programs[k].gradient_ops == (Op.TRAIN_GENERATOR,)]
-            self.late.append((step, [(k, m) for k in late for m in self.grad[k]]))
-            for k in late:
-                self.grad[k].clear()
+        late = ([k for k in range(n) if self.programs[k].gradient_ops == (Op.TRAIN_GENERATOR,)]
+                if self.delay else [])
+        held = []          # generators' targets wait; a coupled stage's gradient does not
+        for k in range(n - 2, -1, -1):
+            while self.grad[k]:
+                if k in late:
+                    held.append((k, self.grad[k].popleft()))
+                else:
+                    self.programs[k].on_gradient(*self.grad[k].popleft())
+        if self.delay:
+            self.late.append((step, held))
             while self.late and self.late[0][0] <= step - self.delay:
                 for k, msg in self.late.popleft()[1]:
                     self.programs[k].on_gradient(*msg)
-        for k in range(n - 2, -1, -1):
-            while self.grad[k]:
-                self.programs[k].on_gradient(*self.grad[k].popleft())
         self.sums = self.sent = None
 
 
