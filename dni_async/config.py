@@ -72,6 +72,8 @@ class Config:
     generator_normalize: str = "none"   # the generator's input: none | batch | example
                                         # (per column over the batch, or per row); true = batch
     generator_recompute: bool = True    # a late target trains the generator's current guess
+    lr_decay: str = "none"              # adam: none | linear (to nothing at the last epoch)
+    synthetic_lr: float = 0.0           # layers trained on a generator's guess: 0 = lr
     sg_scale: float = 1.0               # synthetic gradients are multiplied by this for the layer
     target_delay: int = 0               # reference dni/cdni: targets reach generators D steps late
     context: str = "auto"               # h | y | hy; auto: h for dni, hy for cdni
@@ -359,6 +361,10 @@ def validate(cfg: Config) -> None:
     need(cfg.lr > 0 and cfg.generator_lr > 0, "lr and generator_lr must be positive")
     need(cfg.optimizer in OPTIMIZERS,
          f"unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+    need(cfg.lr_decay in ("none", "linear"),
+         f"unknown lr_decay {cfg.lr_decay!r} (choose from none, linear)")
+    need(cfg.lr_decay == "none" or cfg.optimizer == "adam",
+         "lr_decay = linear needs optimizer = adam (sgd stays the seed's constant step)")
     need(cfg.generator_optimizer in OPTIMIZERS,
          f"unknown generator_optimizer {cfg.generator_optimizer!r} "
          f"(choose from {', '.join(OPTIMIZERS)})")
@@ -370,6 +376,7 @@ def validate(cfg: Config) -> None:
          f"(choose from {', '.join(CONTEXT_NORMS)})")
     need(not cfg.generator_batch_norm or cfg.generator_hidden > 0,
          "generator_batch_norm needs a generator hidden layer (generator_hidden > 0)")
+    need(cfg.synthetic_lr >= 0, f"synthetic_lr must be >= 0 (0: lr), got {cfg.synthetic_lr}")
     need(cfg.sg_scale > 0, f"sg_scale must be positive, got {cfg.sg_scale}")
     need(cfg.target_delay >= 0, f"target_delay must be >= 0, got {cfg.target_delay}")
     need(cfg.target_delay < cfg.max_pending,

@@ -40,6 +40,18 @@ def test_adam_two_steps_by_hand():
     assert opt.t == 2
 
 
+def test_adam_linear_decay_shrinks_each_step_to_nothing_at_the_horizon():
+    # a constant gradient makes m_hat / sqrt(v_hat) exactly 1, so each step is the lr it used
+    p = np.zeros(1)
+    opt = optim.Adam({"p": p}, lr=0.1, eps=0.0, decay_updates=4)
+    moves = []
+    for _ in range(6):
+        before = p.copy()
+        opt.step({"p": np.ones(1)}, n=1)
+        moves.append(float(before[0] - p[0]))
+    assert np.allclose(moves, [0.1, 0.075, 0.05, 0.025, 0.0, 0.0], rtol=0, atol=1e-15)
+
+
 def test_adam_step_does_not_depend_on_the_batch_size_of_the_sum():
     a, b = np.ones(3), np.ones(3)
     g = RNG.randn(3)

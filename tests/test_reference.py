@@ -80,7 +80,8 @@ from dni_async.runtime import checkpoint
 
 RICH = {"optimizer": "adam", "lr": 0.01, "batch_norm": True, "bias": True,
         "generator_optimizer": "adam", "generator_lr": 0.001, "generator_hidden": 6,
-        "generator_batch_norm": True, "generator_normalize": "example", "sg_scale": 0.5}
+        "generator_batch_norm": True, "generator_normalize": "example", "sg_scale": 0.5,
+        "lr_decay": "linear"}
 
 
 def _models(settings):
@@ -168,6 +169,27 @@ def test_target_delay_makes_targets_late_by_exactly_that():
         assert c["target_lag_max"] == 3 and c["target_lag_sum"] == 3 * (steps - 3)
 
 
+def test_target_delay_holds_a_target_that_comes_from_a_coupled_stage_too():
+    # stage 1 waits for the output stage (a true boundary), so the target it sends stage 0's
+    # generator is made late in the step; it must wait out the delay all the same
+    s = reference.train(make_config({"mode": "cdni", "target_delay": 3, "epochs": 2,
+                                     "true_boundaries": [1]}, preset="tiny"), log=None)
+    steps = 2 * 200 // 10
+    (c,) = s["generators"]
+    assert c["targets_applied"] == steps - 3
+    assert c["target_lag_max"] == 3 and c["target_lag_sum"] == 3 * (steps - 3)
+
+
+@pytest.mark.parametrize("coupled, slow", [([0], {0, 1}), ([1], {0}), ([0, 1], set())])
+def test_synthetic_lr_goes_to_every_layer_whose_gradient_rests_on_a_guess(coupled, slow):
+    settings = {"optimizer": "adam", "lr": 0.01, "synthetic_lr": 0.001,
+                "true_boundaries": coupled}
+    _, _, models = _models({**settings, "mode": "cdni"})
+    assert [m.optimizer.lr for m in models] == [0.001 if k in slow else 0.01 for k in range(3)]
+    _, _, lockstep = _models({**settings, "mode": "backprop"})
+    assert [m.optimizer.lr for m in lockstep] == [0.01] * 3
+
+
 def test_recompute_changes_nothing_when_targets_are_on_time():
     on = reference.train(make_config({**RICH, "mode": "cdni", "epochs": 2}, preset="tiny"),
                          log=None)
@@ -212,6 +234,9 @@ def test_layers_sets_the_depth_at_the_preset_width():
     ({"generator_normalize": "rows"}, "unknown generator_normalize 'rows'"),
     ({"generator_batch_norm": True}, "generator_batch_norm needs a generator hidden layer"),
     ({"sg_scale": 0}, "sg_scale must be positive"),
+    ({"synthetic_lr": -0.1}, "synthetic_lr must be >= 0"),
+    ({"lr_decay": "cosine"}, "unknown lr_decay 'cosine'"),
+    ({"lr_decay": "linear"}, "lr_decay = linear needs optimizer = adam"),
     ({"target_delay": -1}, "target_delay must be >= 0"),
     ({"target_delay": 64}, "target_delay (64) must be below max_pending (64)"),
     ({"layers": 1}, "layers must be at least 2"),

@@ -73,6 +73,11 @@ class Mode:
     def has_generator(self, rank: int, n: int, coupled=()) -> bool:
         return self.synthetic(rank, n, coupled)
 
+    def learns_from_guess(self, rank: int, n: int, coupled=()) -> bool:
+        """Is stage `rank`'s gradient built on a generator's guess: its own, or one a coupled
+        stage above it passed down? (Such layers take `synthetic_lr`.)"""
+        return any(self.synthetic(j, n, coupled) for j in range(rank, n - 1))
+
     def holds(self, cfg, rank: int = 0) -> int:
         """Steps a stage keeps while it waits for their gradients (0: it never waits)."""
         if self.synthetic(rank, cfg.n_stages, cfg.true_boundaries):

@@ -70,8 +70,12 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
                                normalize=cfg.generator_normalize,
                                batch_norm=cfg.generator_batch_norm,
                                optimizer=cfg.generator_optimizer, **adam)
-        opt = optim.make(cfg.optimizer, layer.named_params(), cfg.lr, **adam)
-        models[k] = StageModel(layer, lr=cfg.lr, loss=cfg.loss if last else None,
+        lr = cfg.lr
+        if cfg.synthetic_lr and mode.learns_from_guess(k, n, cfg.true_boundaries):
+            lr = cfg.synthetic_lr
+        decay = cfg.epochs * cfg.batches_per_epoch() if cfg.lr_decay == "linear" else 0
+        opt = optim.make(cfg.optimizer, layer.named_params(), lr, **adam, decay_updates=decay)
+        models[k] = StageModel(layer, lr=lr, loss=cfg.loss if last else None,
                                generator=gen, context=cfg.generator_context(),
                                max_pending=cfg.max_pending, optimizer=opt,
                                frozen=cfg.freeze_hidden and not last, sg_scale=cfg.sg_scale,

@@ -54,9 +54,10 @@ class Adam:
     BLOCK = 32768
 
     def __init__(self, params: dict, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, decay_updates: int = 0):
         self.params = dict(params)
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.decay_updates = decay_updates
         self.t = 0
         self.m = {k: np.zeros_like(p) for k, p in self.params.items()}
         self.v = {k: np.zeros_like(p) for k, p in self.params.items()}
@@ -73,7 +74,10 @@ class Adam:
         m_in = (1.0 - b1) / n                        # the mean gradient, folded in
         v_in = (1.0 - b2) / (n * n)
         eps = self.eps * root_c2
-        step_size = self.lr * root_c2 / c1
+        lr = self.lr
+        if self.decay_updates:       # linear decay to nothing over the planned updates
+            lr *= max(0.0, 1.0 - (self.t - 1) / self.decay_updates)
+        step_size = lr * root_c2 / c1
         for name, p in self.params.items():
             g = grads.get(name)
             if g is None:
@@ -120,10 +124,10 @@ class Adam:
 
 
 def make(kind: str, params: dict, lr: float, *, beta1: float = 0.9, beta2: float = 0.999,
-         eps: float = 1e-8):
+         eps: float = 1e-8, decay_updates: int = 0):
     """An optimizer by name ("sgd" or "adam") over the named parameters."""
     if kind == "sgd":
         return SGD(params, lr)
     if kind == "adam":
-        return Adam(params, lr, beta1, beta2, eps)
+        return Adam(params, lr, beta1, beta2, eps, decay_updates)
     raise ValueError(f"unknown optimizer {kind!r} (choose from {', '.join(OPTIMIZERS)})")
