@@ -73,6 +73,8 @@ class Config:
                                         # (per column over the batch, or per row); true = batch
     generator_recompute: bool = True    # a late target trains the generator's current guess
     lr_decay: str = "none"              # adam: none | linear (to nothing at the last epoch)
+    sg_trust: float = 0.0               # > 0: a synthetic step's lr is scaled by its guesses'
+                                        # recent cosine with their targets (this: the mean's rate)
     synthetic_lr: float = 0.0           # layers trained on a generator's guess: 0 = lr
     sg_scale: float = 1.0               # synthetic gradients are multiplied by this for the layer
     target_delay: int = 0               # reference dni/cdni: targets reach generators D steps late
@@ -377,6 +379,7 @@ def validate(cfg: Config) -> None:
     need(not cfg.generator_batch_norm or cfg.generator_hidden > 0,
          "generator_batch_norm needs a generator hidden layer (generator_hidden > 0)")
     need(cfg.synthetic_lr >= 0, f"synthetic_lr must be >= 0 (0: lr), got {cfg.synthetic_lr}")
+    need(0 <= cfg.sg_trust <= 1, f"sg_trust must be in [0, 1], got {cfg.sg_trust}")
     need(cfg.sg_scale > 0, f"sg_scale must be positive, got {cfg.sg_scale}")
     need(cfg.target_delay >= 0, f"target_delay must be >= 0, got {cfg.target_delay}")
     need(cfg.target_delay < cfg.max_pending,

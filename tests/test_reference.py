@@ -81,7 +81,7 @@ from dni_async.runtime import checkpoint
 RICH = {"optimizer": "adam", "lr": 0.01, "batch_norm": True, "bias": True,
         "generator_optimizer": "adam", "generator_lr": 0.001, "generator_hidden": 6,
         "generator_batch_norm": True, "generator_normalize": "example", "sg_scale": 0.5,
-        "lr_decay": "linear"}
+        "lr_decay": "linear", "sg_trust": 0.1}
 
 
 def _models(settings):
@@ -190,6 +190,40 @@ def test_synthetic_lr_goes_to_every_layer_whose_gradient_rests_on_a_guess(couple
     assert [m.optimizer.lr for m in lockstep] == [0.01] * 3
 
 
+def test_trust_follows_the_guesses_cosine_with_their_targets():
+    _, _, models = _models({"mode": "cdni", "sg_trust": 0.25})
+    m = models[0]
+    assert m.trust == 0.0
+    m._earn_trust(np.array([[3.0, 0.0]]), np.array([[1.0, 0.0]]))       # cos 1
+    assert m.trust == 0.25
+    m._earn_trust(np.array([[1.0, 1.0]]), np.array([[0.0, 2.0]]))       # cos 1/sqrt(2)
+    assert np.isclose(m.trust, 0.25 + 0.25 * (2 ** -0.5 - 0.25))
+    before = m.trust
+    m._earn_trust(np.array([[1.0, 0.0]]), np.array([[-1.0, 0.0]]))      # away: counts as 0
+    assert np.isclose(m.trust, 0.75 * before)
+    m._earn_trust(np.zeros((1, 2)), np.array([[1.0, 0.0]]))             # no guess yet: 0
+    assert np.isclose(m.trust, 0.75 ** 2 * before)
+    assert models[-1].trust_rate == 0.0                                 # no generator, no trust
+
+
+def test_a_synthetic_layer_stands_still_until_its_generator_has_earned_trust():
+    settings = {"mode": "cdni", "optimizer": "adam", "lr": 0.01, "generator_optimizer": "adam",
+                "generator_lr": 0.01}
+    cfg, ds, trusting = _models({**settings, "sg_trust": 0.2})
+    _, _, plain = _models(settings)
+    w0 = trusting[1].layer.W.copy()      # stage 1: its targets come from the loss
+    _steps(trusting, cfg, ds, range(2))
+    _steps(plain, cfg, ds, range(2))
+    # its generator starts at zero, so its first guess matched nothing: trust is still 0 at
+    # the second step, where the plain layer already moves on a guess
+    assert trusting[1].trust > 0.0
+    assert np.array_equal(trusting[1].layer.W, w0)
+    assert not np.array_equal(plain[1].layer.W, w0)
+    _steps(trusting, cfg, ds, range(2, 30))
+    assert 0.0 < trusting[1].trust <= 1.0
+    assert not np.array_equal(trusting[1].layer.W, w0)
+
+
 def test_recompute_changes_nothing_when_targets_are_on_time():
     on = reference.train(make_config({**RICH, "mode": "cdni", "epochs": 2}, preset="tiny"),
                          log=None)
@@ -235,6 +269,7 @@ def test_layers_sets_the_depth_at_the_preset_width():
     ({"generator_batch_norm": True}, "generator_batch_norm needs a generator hidden layer"),
     ({"sg_scale": 0}, "sg_scale must be positive"),
     ({"synthetic_lr": -0.1}, "synthetic_lr must be >= 0"),
+    ({"sg_trust": 1.5}, "sg_trust must be in [0, 1]"),
     ({"lr_decay": "cosine"}, "unknown lr_decay 'cosine'"),
     ({"lr_decay": "linear"}, "lr_decay = linear needs optimizer = adam"),
     ({"target_delay": -1}, "target_delay must be >= 0"),

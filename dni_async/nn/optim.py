@@ -28,10 +28,11 @@ class SGD:
         self.params = dict(params)
         self.lr = lr
 
-    def step(self, grads: dict, n: int) -> None:
+    def step(self, grads: dict, n: int, scale: float = 1.0) -> None:
         """One update from batch-sum gradients (names as in `params`; a missing or None
-        gradient leaves its parameter alone). `n`, the batch's rows, is not used by SGD."""
-        lr = self.lr
+        gradient leaves its parameter alone). `n`, the batch's rows, is not used by SGD;
+        `scale` multiplies the learning rate for this step."""
+        lr = self.lr if scale == 1.0 else self.lr * scale
         for name, p in self.params.items():
             g = grads.get(name)
             if g is not None:
@@ -64,8 +65,9 @@ class Adam:
         dtypes = {p.dtype for p in self.params.values()}
         self._scratch = {dt: np.empty(self.BLOCK, dt) for dt in dtypes}
 
-    def step(self, grads: dict, n: int) -> None:
-        """One update from batch-sum gradients over `n` rows."""
+    def step(self, grads: dict, n: int, scale: float = 1.0) -> None:
+        """One update from batch-sum gradients over `n` rows; `scale` multiplies the
+        learning rate for this step."""
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         c1 = 1.0 - b1 ** self.t
@@ -74,7 +76,7 @@ class Adam:
         m_in = (1.0 - b1) / n                        # the mean gradient, folded in
         v_in = (1.0 - b2) / (n * n)
         eps = self.eps * root_c2
-        lr = self.lr
+        lr = self.lr * scale
         if self.decay_updates:       # linear decay to nothing over the planned updates
             lr *= max(0.0, 1.0 - (self.t - 1) / self.decay_updates)
         step_size = lr * root_c2 / c1

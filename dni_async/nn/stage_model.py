@@ -14,6 +14,8 @@ dni/cdni:  forward_train -> synthetic_delta from g_hat = M(context) -> send the 
            target delta_hat @ W.T upstream -> synthetic_update: update the layer from the
            guess -> later, apply_target(step, target)
            trains M (on its prediction recomputed with its current weights when it has moved).
+           With `trust`, the synthetic update's step is scaled by how well M's guesses have
+           lately matched their targets.
 last stage (any mode): loss_delta (the true gradient) -> send dL/dx upstream -> apply;
            `backward_from_loss` is the two together.
 """
@@ -43,7 +45,7 @@ class StageModel:
     def __init__(self, layer: nn.Dense, *, lr: float, loss: str | None = None,
                  generator: nn.Generator | None = None, context: str = "h",
                  max_pending: int = 64, optimizer=None, frozen: bool = False,
-                 sg_scale: float = 1.0, recompute: bool = True):
+                 sg_scale: float = 1.0, recompute: bool = True, trust: float = 0.0):
         self.layer = layer
         self.lr = lr
         self.optimizer = optimizer if optimizer is not None else optim.SGD(
@@ -51,6 +53,10 @@ class StageModel:
         self.frozen = frozen              # a layer that never updates (the control)
         self.sg_scale = sg_scale          # synthetic gradients are multiplied by this for W
         self.recompute = recompute        # late target: recompute g_hat with today's generator
+        # trust > 0: a synthetic step's learning rate is scaled by how well the generator has
+        # lately predicted its targets (a running mean of their cosine, this factor per target)
+        self.trust_rate = trust
+        self.trust = 0.0 if trust else 1.0
         self.loss = loss                  # set on the last stage only
         self.generator = generator
         self.context = context
@@ -183,7 +189,7 @@ class StageModel:
                 for g in grads.values():
                     if g is not None:
                         g *= self.sg_scale
-            self.optimizer.step(grads, cache.x.shape[0])
+            self.optimizer.step(grads, cache.x.shape[0], self.trust)
         self.updates += 1
         gen_cache, g_hat = guess
         self._remember(step, (gen_cache, g_hat, self.updates, self.generator.steps))
@@ -220,12 +226,26 @@ class StageModel:
         del self.pending[step]
         if self.recompute and self.generator.steps != gen_steps:
             g_hat, gen_cache = self.generator.refresh(gen_cache)
+        if self.trust_rate:
+            self._earn_trust(g_hat, target)
         self.generator_sq_error += self.generator.update(gen_cache, g_hat, target)
         self.counters["targets_applied"] += 1
         lag = self.updates - at
         self.counters["target_lag_sum"] += lag
         self.counters["target_lag_max"] = max(self.counters["target_lag_max"], lag)
         return True
+
+    def _earn_trust(self, g_hat, target) -> None:
+        """Move trust towards this guess's cosine with its target (0 when it points away).
+
+        Adam gives a step of the learning rate's size whatever the gradient's size, so a
+        guess that is still mostly noise (a generator that starts at zero, or one whose
+        targets have faded as the loss nears zero) moves the layer as far as a good one would.
+        Scaling the step by how well the guesses have lately matched their targets keeps a
+        synthetic layer still until its generator has earned it."""
+        norms = float(np.linalg.norm(g_hat)) * float(np.linalg.norm(target))
+        cos = float(np.vdot(g_hat, target)) / norms if norms > 0 else 0.0
+        self.trust += self.trust_rate * (max(cos, 0.0) - self.trust)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -272,6 +292,10 @@ class StageModel:
             opt.load_state(want)
         if self.generator is not None and "gen_steps" in arrays:
             self.generator.steps = int(arrays["gen_steps"])
+        if self.trust_rate:
+            if "sg_trust" not in arrays:
+                raise ValueError("checkpoint lacks sg_trust")
+            self.trust = float(arrays["sg_trust"])
         for key in self.counters:
             if f"counter_{key}" in arrays:
                 self.counters[key] = int(arrays[f"counter_{key}"])
@@ -283,6 +307,8 @@ class StageModel:
         out = {k: take(v) for k, v in {**self.arrays(), **self._optimizer_state()}.items()}
         if self.generator is not None:
             out["gen_steps"] = np.array(self.generator.steps)
+        if self.trust_rate:
+            out["sg_trust"] = np.array(self.trust)
         out.update({f"counter_{k}": np.array(v) for k, v in self.counters.items()})
         return out
 

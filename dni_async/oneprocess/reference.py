@@ -246,4 +246,5 @@ def _train(cfg: Config, log, on_epoch) -> dict:
 
 
 def _generator_counters(models) -> list:
-    return [dict(m.counters) for m in models if m.generator is not None]
+    return [{**m.counters, **({"sg_trust": m.trust} if m.trust_rate else {})}
+            for m in models if m.generator is not None]

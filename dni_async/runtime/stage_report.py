@@ -33,6 +33,7 @@ def final(stage) -> dict:
         "bad_messages": stage.bad_messages, "counters": model.counters,
         "refused": {"wrong_key": stage.links.refused_keys, "replayed": stage.replays.refused},
         "generator_sq_error": model.generator_sq_error,
+        **({"sg_trust": model.trust} if model.trust_rate else {}),
         "lag_histogram": {str(k): v for k, v in sorted(stage.lags.items())},
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "fp_warnings": stage.fp.as_dict(),
