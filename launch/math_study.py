@@ -8,8 +8,11 @@ cdni and the frozen-hidden control, 3 and 6 layers, MNIST-1D and digits, seeds 1
 without recomputing the generator's guess; seeds 1-3), `norm` (cdni on MNIST-1D, 3 and 6
 layers, the generator's context normalised over the batch or per example; seeds 1-3),
 `longer` (MNIST-1D, 6 layers: 120 epochs instead of 60; batch-normalised context with
-targets 2 steps late). Every
-run is the reference trainer; each finished run appends one JSON line to OUT.
+targets 2 steps late), `deep` (MNIST-1D, 4 and 6 layers, the presets against what might close
+cdni's gap: a second true boundary, `synthetic_lr`, `lr_decay`, `sg_trust`; seeds 1-3), `wide`
+(launch/wide.toml: updates until held-out bit accuracy 0.8 and 0.9, evaluated every 2, with
+targets on time or 2 steps late and the decoupled layers' learning rate lowered; seeds 1-3).
+Every run is the reference trainer; each finished run appends one JSON line to OUT.
 `summary OUT.jsonl` prints the tables.
 """
 
@@ -103,12 +106,76 @@ def longer(out):
             target_delay=2)
 
 
+def deep(out):
+    for name, s in [
+        ("backprop", {"mode": "backprop"}),
+        ("cdni (preset)", {"mode": "cdni"}),
+        ("cdni, true_boundaries [-1, -2]", {"mode": "cdni", "true_boundaries": [-1, -2]}),
+        ("cdni, synthetic_lr 3e-3", {"mode": "cdni", "synthetic_lr": 0.003}),
+        ("cdni, synthetic_lr 1e-3", {"mode": "cdni", "synthetic_lr": 0.001}),
+        ("cdni, context normalised over the batch", {"mode": "cdni",
+                                                     "generator_normalize": "batch"}),
+        ("backprop, lr_decay linear", {"mode": "backprop", "lr_decay": "linear"}),
+        ("cdni, lr_decay linear", {"mode": "cdni", "lr_decay": "linear"}),
+        ("cdni, lr_decay linear, generator_lr 3e-3", {"mode": "cdni", "lr_decay": "linear",
+                                                      "generator_lr": 0.003}),
+        ("cdni, lr_decay linear, context normalised over the batch",
+         {"mode": "cdni", "lr_decay": "linear", "generator_normalize": "batch"}),
+        ("cdni, lr_decay linear, true_boundaries [-1, -2]",
+         {"mode": "cdni", "lr_decay": "linear", "true_boundaries": [-1, -2]}),
+        ("cdni, sg_trust 0.1", {"mode": "cdni", "sg_trust": 0.1}),
+        ("cdni, sg_trust 0.02", {"mode": "cdni", "sg_trust": 0.02}),
+        ("cdni, sg_trust 0.1, synthetic_lr 2e-2", {"mode": "cdni", "sg_trust": 0.1,
+                                                  "synthetic_lr": 0.02}),
+    ]:
+        for layers in (4, 6):
+            for seed in (1, 2, 3):
+                run(out, f"mnist1d {layers} layers {name} seed {seed}", "mnist1d",
+                    layers=layers, seed=seed, **s)
+
+
+def wide(out):
+    from dni_async.config import load_toml
+    base = load_toml("launch/wide.toml")
+    base = {**base, "mode": "cdni", "sg_trust": 0.0}       # each variant names what it adds
+    for target in ("0.8", "0.9", "end"):     # end: the whole 4 epochs, for the final accuracy
+        for name, s in [
+            ("backprop", {"mode": "backprop"}),
+            ("cdni, targets on time", {"mode": "cdni"}),
+            ("cdni, targets 2 late", {"mode": "cdni", "target_delay": 2}),
+            ("cdni, targets 2 late, synthetic_lr 1e-4", {"mode": "cdni", "target_delay": 2,
+                                                         "synthetic_lr": 0.0001}),
+            ("cdni, targets 2 late, stages 0 and 1 still (synthetic_lr 1e-12)",
+             {"mode": "cdni", "target_delay": 2, "synthetic_lr": 1e-12}),
+            ("cdni, targets 2 late, sg_trust 0.1", {"mode": "cdni", "target_delay": 2,
+                                                    "sg_trust": 0.1}),
+            ("cdni, targets 2 late, sg_trust 0.02 (wide.toml)", {"target_delay": 2,
+                                                                  "sg_trust": 0.02}),
+        ]:
+            for seed in (1, 2, 3):
+                stop = ({"eval_batches": 64} if target == "end" else
+                        {"eval_batches": 2, "stop_at": f"test_bit_acc={target}"})
+                cfg = make_config({**base, **s, "seed": seed, **stop})
+                r = reference.train(cfg, log=None)
+                row = {"label": f"wide, to {target}, {name} seed {seed}", "updates": r["batches"],
+                       "reached": r["stopped"] == "target", "test_acc": r["final"]["test_bit_acc"]}
+                with open(out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"{row['label']:70s} {row['updates']} updates, held-out "
+                      f"{row['test_acc']:.3f}", flush=True)
+
+
 def summary(path):
     rows = [json.loads(line) for line in open(path)]
     groups = defaultdict(list)
     for r in rows:
         groups[r["label"].rsplit(" seed ", 1)[0]].append(r)
     for name, rs in groups.items():
+        if "updates" in rs[0]:
+            updates = " / ".join(str(r["updates"]) for r in rs)
+            accs = " / ".join(f"{r['test_acc']:.3f}" for r in rs)
+            print(f"| {name} | {updates} | {accs} |")
+            continue
         accs = [r["test_acc"] for r in rs]
         mean = sum(accs) / len(accs)
         cpu = sum(r["cpu_s"] for r in rs) / len(rs)
@@ -118,4 +185,4 @@ def summary(path):
 if __name__ == "__main__":
     phase, path = sys.argv[1], sys.argv[2]
     {"pick": pick, "table": table, "delay": delay, "norm": context_norm, "longer": longer,
-     "summary": summary}[phase](path)
+     "deep": deep, "wide": wide, "summary": summary}[phase](path)
