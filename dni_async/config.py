@@ -72,10 +72,12 @@ class Config:
     generator_normalize: str = "none"   # the generator's input: none | batch | example
                                         # (per column over the batch, or per row); true = batch
     generator_recompute: bool = True    # a late target trains the generator's current guess
-    lr_decay: str = "none"              # adam: none | linear (to nothing at the last epoch)
-    sg_trust: float = 0.0               # > 0: a synthetic step's lr is scaled by its guesses'
-                                        # recent cosine with their targets (this: the mean's rate)
-    synthetic_lr: float = 0.0           # layers trained on a generator's guess: 0 = lr
+    lr_decay: str = "none"              # the layers' adam: none | linear (to nothing by the
+                                        # last planned update; generators keep their rate)
+    sg_trust: float = 0.0               # dni/cdni, > 0: a synthetic step's lr is scaled by its
+                                        # guesses' recent cosine with their targets (the mean's
+                                        # rate); lockstep modes have no guesses and ignore it
+    synthetic_lr: float = 0.0           # dni/cdni: layers trained on a guess; 0 = lr
     sg_scale: float = 1.0               # synthetic gradients are multiplied by this for the layer
     target_delay: int = 0               # reference dni/cdni: targets reach generators D steps late
     context: str = "auto"               # h | y | hy; auto: h for dni, hy for cdni

@@ -25,6 +25,11 @@ from dni_async.config import make_config
 from dni_async.oneprocess import reference
 
 
+# The first five phases ran before the presets kept the true gradient at the boundary next to
+# the output: they pin every boundary synthetic, as studied. `deep` runs the presets as they are.
+AS_STUDIED = {"true_boundaries": []}
+
+
 def run(out, label, preset, **settings):
     cfg = make_config({"eval_every": 1000, "log_every": 1000, **settings}, preset=preset)
     t0 = time.process_time()
@@ -65,7 +70,7 @@ def pick(out):
         ("cdni, no batch norm", {"mode": "cdni", "batch_norm": False}),
         ("dni (context h), preset otherwise", {"mode": "dni"}),
     ]:
-        run(out, name, "mnist1d", layers=6, seed=1, **s)
+        run(out, name, "mnist1d", layers=6, seed=1, **AS_STUDIED, **s)
 
 
 def table(out):
@@ -76,7 +81,7 @@ def table(out):
                                     ("frozen", {"mode": "backprop", "freeze_hidden": True})):
                     s = {"mode": mode, **extra}
                     run(out, f"{preset} {layers} layers {mode} seed {seed}", preset,
-                        layers=layers, seed=seed, **s)
+                        layers=layers, seed=seed, **AS_STUDIED, **s)
 
 
 def delay(out):
@@ -84,7 +89,8 @@ def delay(out):
         for recompute in ((True,) if d == 0 else (True, False)):
             for seed in (1, 2, 3):
                 run(out, f"delay {d} recompute {recompute} seed {seed}", "mnist1d", layers=6,
-                    mode="cdni", seed=seed, target_delay=d, generator_recompute=recompute)
+                    mode="cdni", seed=seed, target_delay=d, generator_recompute=recompute,
+                    **AS_STUDIED)
 
 
 def context_norm(out):
@@ -92,18 +98,19 @@ def context_norm(out):
         for norm in ("batch", "example"):     # "none" is the preset: see `table`
             for seed in (1, 2, 3):
                 run(out, f"mnist1d {layers} layers cdni, context normalisation {norm} seed {seed}",
-                    "mnist1d", layers=layers, mode="cdni", seed=seed, generator_normalize=norm)
+                    "mnist1d", layers=layers, mode="cdni", seed=seed, generator_normalize=norm,
+                    **AS_STUDIED)
 
 
 def longer(out):
     for seed in (1, 2, 3):
         for mode in ("backprop", "cdni"):
             run(out, f"mnist1d 6 layers {mode}, 120 epochs seed {seed}", "mnist1d", layers=6,
-                mode=mode, seed=seed, epochs=120)
+                mode=mode, seed=seed, epochs=120, **AS_STUDIED)
     for seed in (1, 2, 3):
         run(out, f"mnist1d 6 layers cdni, context normalisation batch, delay 2 seed {seed}",
             "mnist1d", layers=6, mode="cdni", seed=seed, generator_normalize="batch",
-            target_delay=2)
+            target_delay=2, **AS_STUDIED)
 
 
 def deep(out):
@@ -134,6 +141,21 @@ def deep(out):
                     layers=layers, seed=seed, **s)
 
 
+def _first_stages_at(lr, stages=2):
+    """Patch the model builder so that the first `stages` layers learn at `lr`: lockstep has
+    no setting for it (`synthetic_lr` is for layers trained on a guess)."""
+    from dni_async.nn import network
+    build = network.build
+
+    def patched(cfg, rng, ranks=None):
+        models = build(cfg, rng, ranks)
+        for m in models[:stages]:
+            m.optimizer.lr = lr
+        return models
+    network.build = patched
+    return lambda: setattr(network, "build", build)
+
+
 def wide(out):
     from dni_async.config import load_toml
     base = load_toml("launch/wide.toml")
@@ -151,7 +173,10 @@ def wide(out):
                                                     "sg_trust": 0.1}),
             ("cdni, targets 2 late, sg_trust 0.02 (wide.toml)", {"target_delay": 2,
                                                                   "sg_trust": 0.02}),
+            ("backprop, stages 0 and 1 at lr 1e-4", {"mode": "backprop", "first_lr": 1e-4}),
         ]:
+            s = dict(s)
+            restore = _first_stages_at(s.pop("first_lr")) if "first_lr" in s else (lambda: None)
             for seed in (1, 2, 3):
                 stop = ({"eval_batches": 64} if target == "end" else
                         {"eval_batches": 2, "stop_at": f"test_bit_acc={target}"})
@@ -163,6 +188,7 @@ def wide(out):
                     fh.write(json.dumps(row) + "\n")
                 print(f"{row['label']:70s} {row['updates']} updates, held-out "
                       f"{row['test_acc']:.3f}", flush=True)
+            restore()
 
 
 def summary(path):

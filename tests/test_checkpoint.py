@@ -95,7 +95,8 @@ def test_killed_gpipe_run_resumes_to_the_uninterrupted_end(no_leftovers):
 
 
 def test_killed_cdni_run_resumes_to_the_end_losing_no_target(no_leftovers):
-    kill_after_checkpoints(no_leftovers, "--mode", "cdni")
+    # with sg_trust, whose state each stage checkpoints (a resume refuses one without it)
+    kill_after_checkpoints(no_leftovers, "--mode", "cdni", "--set", "sg_trust=0.1")
     got, _ = resume(no_leftovers)
     history = got["history"]
     assert got["batches"] == 60 * 100
@@ -107,6 +108,8 @@ def test_killed_cdni_run_resumes_to_the_end_losing_no_target(no_leftovers):
         accounted = (c["targets_applied"] + c["targets_dropped"] + c["targets_missing"]
                      + st["holding"]["n_pending_targets"])
         assert accounted == 60 * 100, (st["rank"], c, st["holding"])
+        assert 0.0 < st["sg_trust"] <= 1.0
+    assert "sg_trust" not in got["stages"][-1]
 
 
 def test_damaged_checkpoint_is_refused_and_the_previous_one_used(no_leftovers):

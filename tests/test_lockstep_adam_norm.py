@@ -9,7 +9,8 @@ from dni_async.config import make_config
 from dni_async.oneprocess import reference
 
 SETTINGS = {"optimizer": "adam", "lr": "0.01", "batch_norm": "true", "bias": "true",
-            "activation": "relu", "init": "he", "epochs": "3", "batch_size": "20", "lr_decay": "linear"}
+            "activation": "relu", "init": "he", "epochs": "3", "batch_size": "20",
+            "lr_decay": "linear"}
 
 
 @pytest.mark.parametrize("mode", ["backprop", "gpipe"])

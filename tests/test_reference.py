@@ -203,6 +203,8 @@ def test_trust_follows_the_guesses_cosine_with_their_targets():
     assert np.isclose(m.trust, 0.75 * before)
     m._earn_trust(np.zeros((1, 2)), np.array([[1.0, 0.0]]))             # no guess yet: 0
     assert np.isclose(m.trust, 0.75 ** 2 * before)
+    m._earn_trust(np.array([[np.nan, 0.0]]), np.array([[1.0, 0.0]]))    # not a number: 0
+    assert np.isclose(m.trust, 0.75 ** 3 * before)
     assert models[-1].trust_rate == 0.0                                 # no generator, no trust
 
 
@@ -214,8 +216,8 @@ def test_a_synthetic_layer_stands_still_until_its_generator_has_earned_trust():
     w0 = trusting[1].layer.W.copy()      # stage 1: its targets come from the loss
     _steps(trusting, cfg, ds, range(2))
     _steps(plain, cfg, ds, range(2))
-    # its generator starts at zero, so its first guess matched nothing: trust is still 0 at
-    # the second step, where the plain layer already moves on a guess
+    # its generator starts at zero, so the first guess matched nothing: the second step ran
+    # with trust 0 (the plain layer moved on its guess); the second target then earned some
     assert trusting[1].trust > 0.0
     assert np.array_equal(trusting[1].layer.W, w0)
     assert not np.array_equal(plain[1].layer.W, w0)

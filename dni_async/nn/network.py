@@ -79,5 +79,6 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
                                generator=gen, context=cfg.generator_context(),
                                max_pending=cfg.max_pending, optimizer=opt,
                                frozen=cfg.freeze_hidden and not last, sg_scale=cfg.sg_scale,
-                               recompute=cfg.generator_recompute, trust=cfg.sg_trust if gen is not None else 0.0)
+                               recompute=cfg.generator_recompute,
+                               trust=cfg.sg_trust if gen is not None else 0.0)
     return [models[k] for k in ranks]

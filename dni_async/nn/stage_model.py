@@ -242,10 +242,12 @@ class StageModel:
         guess that is still mostly noise (a generator that starts at zero, or one whose
         targets have faded as the loss nears zero) moves the layer as far as a good one would.
         Scaling the step by how well the guesses have lately matched their targets keeps a
-        synthetic layer still until its generator has earned it."""
+        synthetic layer still until its generator has earned it. `g_hat` is the guess as the
+        generator makes it now (recomputed when it has moved): trust is for the steps to come."""
         norms = float(np.linalg.norm(g_hat)) * float(np.linalg.norm(target))
         cos = float(np.vdot(g_hat, target)) / norms if norms > 0 else 0.0
-        self.trust += self.trust_rate * (max(cos, 0.0) - self.trust)
+        cos = cos if cos > 0.0 else 0.0          # pointing away, or not a number: no trust
+        self.trust += self.trust_rate * (cos - self.trust)
 
     # -- state ----------------------------------------------------------------------------
 
