@@ -112,6 +112,8 @@ def _cmd_reference(args) -> int:
           f"exact {f['train_exact_acc']:.4f} | test bit acc {f['test_bit_acc']:.4f} "
           f"exact {f['test_exact_acc']:.4f} | {summary['samples_per_s']:,.0f} samples/s "
           f"| {summary['wall_seconds']:.1f} s")
+    if summary["stopped"] == "target":
+        print(f"reached {cfg.stop_at} after {summary['batches']} updates")
     if args.json:
         report.write_json(args.json, summary)
     from dni_async.measure import float_warnings

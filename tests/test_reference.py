@@ -56,6 +56,17 @@ def test_reference_cli_writes_the_json_summary(tmp_path):
     assert s["config"]["mode"] == "backprop" and "wall_seconds" in s
 
 
+def test_reference_cli_says_when_it_reached_its_target(tmp_path):
+    out = tmp_path / "ref.json"
+    r = cli("reference", "--preset", "mixed", "--mode", "backprop", "--stop-at",
+            "test_bit_acc=0.58", "--eval-batches", "5", "--json", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(out.read_text())
+    assert s["stopped"] == "target" and s["batches"] < 20 * 400 // 20
+    assert f"reached test_bit_acc=0.58 after {s['batches']} updates" in r.stdout
+    assert s["curve"][-1]["test_bit_acc"] >= 0.58 > s["curve"][-2]["test_bit_acc"]
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--mode", "sideways"], "unknown mode"),
     (["--preset", "nope"], "unknown preset"),
