@@ -84,6 +84,16 @@ def sent_while_running(proc) -> None:
                              f"sent its messages; it said:\n{said}")
 
 
+def summary_after_the_run(proc, run_dir) -> dict:
+    """Once a test has sent everything into a live run: the run ends in order, and its summary
+    says what it counted."""
+    import json
+    sent_while_running(proc)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 def end_run(proc) -> None:
     """After a test that started `train`: nothing left running, whatever the test asserted."""
     if proc.poll() is None:

@@ -1,7 +1,6 @@
 """Thousands of malformed messages at every inbound socket of a running lockstep pipeline:
 no process crashes, every one is counted, and the weights come out bit for bit unchanged."""
 
-import json
 import random
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from conftest import ROOT, end_run, sent_while_running, wait_for_spec
+from conftest import ROOT, end_run, summary_after_the_run, wait_for_spec
 from dni_async.oneprocess import reference
 from dni_async.runtime import wire
 from dni_async.config import make_config
@@ -52,14 +51,6 @@ def start(run_dir, mode: str, epochs: int):
     return subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--mode", mode,
                              "--epochs", str(epochs), "--run-dir", str(run_dir), "--quiet"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def summary_after_the_run(proc, run_dir) -> dict:
-    """Once everything is sent: the run ends in order, and its summary says what it counted."""
-    sent_while_running(proc)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path, zmq_ctx):

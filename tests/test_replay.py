@@ -1,6 +1,5 @@
 """A step a stage has already run, sent to it again: refused and counted, never trained twice."""
 
-import json
 import subprocess
 import sys
 import time
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import ROOT, end_run, sent_while_running, wait_for_spec
+from conftest import ROOT, end_run, summary_after_the_run, wait_for_spec
 from dni_async.config import make_config
 from dni_async.oneprocess import reference
 from dni_async.runtime import monitor, replay, wire
@@ -75,12 +74,9 @@ def test_replayed_batches_and_gradients_are_refused(mode, tmp_path, zmq_ctx):
             wire.send(sockets["fwd0"], run_id, "fwd", step, [x, y])
             wire.send(sockets["grad0"], run_id, "grad", step, [np.ones((10, 32))])
             wire.send(sockets["grad1"], run_id, "grad", step, [np.ones((10, 16))])
-        sent_while_running(proc)
-        _, err = proc.communicate(timeout=120)
+        summary = summary_after_the_run(proc, tmp_path)
     finally:
         end_run(proc)
-    assert proc.returncode == 0, err
-    summary = json.loads((tmp_path / "summary.json").read_text())
     stages = summary["stages"]
     assert [s["batches"] for s in stages] == [EPOCHS[mode] * BATCHES_PER_EPOCH] * 3
     assert [s["counters"]["targets_unknown"] for s in stages] == [0, 0, 0]

@@ -11,7 +11,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from conftest import ROOT, cli, end_run, sent_while_running, wait_for_spec
+from conftest import ROOT, cli, end_run, summary_after_the_run, wait_for_spec
 from dni_async.oneprocess import reference
 from dni_async.runtime import wire
 from dni_async.runtime.security import Curve
@@ -53,12 +53,9 @@ def test_without_curve_an_injection_does_get_in(tmp_path, zmq_ctx):
         x, y = np.ones((10, 12)), np.ones((10, 6))
         for step in range(50):
             wire.send(s, spec["run_id"], "eval", 900_000 + step, [x, y])
-        sent_while_running(proc)
-        _, err = proc.communicate(timeout=120)
+        summary = summary_after_the_run(proc, tmp_path)
     finally:
         end_run(proc)
-    assert proc.returncode == 0, err
-    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bad_messages"]["coordinator"] == 50
 
 
@@ -156,12 +153,9 @@ def test_a_holder_of_stage_1s_keys_speaks_only_as_stage_1(tmp_path, zmq_ctx):
             wire.send(to_results, run_id, "loss", i, meta={"sums": GOOD_SUMS})
             wire.send(to_results, run_id, "evalres", 900_000 + i, meta={"sums": GOOD_SUMS})
             wire.send(to_results, run_id, "done", i)
-        sent_while_running(proc)
-        _, err = proc.communicate(timeout=120)
+        summary = summary_after_the_run(proc, run)
     finally:
         end_run(proc)
-    assert proc.returncode == 0, err
-    summary = json.loads((run / "summary.json").read_text())
     assert summary["bad_messages"] == {"coordinator": 3 * n, "stage-0": n, "stage-1": n,
                                        "stage-2": 0}
     assert summary["refused"]["coordinator"]["wrong_key"] == 3 * n
@@ -230,12 +224,9 @@ def test_a_spelling_of_a_stage_name_is_not_that_stage(tmp_path, zmq_ctx):
             d.setsockopt(zmq.IDENTITY, name)
             d.connect(spec["endpoints"]["control"])
             wire.send(d, spec["run_id"], "error", meta={"message": "forged"})
-        sent_while_running(proc)
-        _, err = proc.communicate(timeout=120)
+        summary = summary_after_the_run(proc, tmp_path)
     finally:
         end_run(proc)
-    assert proc.returncode == 0, err
-    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bad_messages"]["coordinator"] == len(names)
 
 
