@@ -71,6 +71,8 @@ class Config:
     generator_batch_norm: bool = False  # batch norm on the generator's hidden layer
     generator_normalize: str = "none"   # the generator's input: none | batch | example
                                         # (per column over the batch, or per row); true = batch
+    generator_per_label: bool = False   # a context [h, y]: also one linear map of h per label
+                                        # (the generator over [h, y, h (x) y]); no y: ignored
     generator_recompute: bool = True    # a late target trains the generator's current guess
     lr_decay: str = "none"              # the layers' adam: none | linear (to nothing by the
                                         # last planned update; generators keep their rate)

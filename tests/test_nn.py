@@ -90,6 +90,59 @@ def test_generator_step_follows_its_squared_error_gradient(hidden, batch_norm, n
     assert gen.steps == 1
 
 
+def _labels(kind, rows, n):
+    if kind == "one-hot":        # classes, one per row (one class left out: an empty group)
+        return np.eye(n)[RNG.randint(0, n - 1, rows)]
+    return (RNG.rand(rows, n) > 0.5).astype(float)          # bits: any number per row
+
+
+@pytest.mark.parametrize("hidden", [0, 7])
+@pytest.mark.parametrize("normalize", ["none", "example"])
+@pytest.mark.parametrize("labels", ["one-hot", "bits"])
+def test_per_label_generator_step_follows_its_squared_error_gradient(hidden, normalize, labels):
+    h, y, t = RNG.randn(9, 5), _labels(labels, 9, 4), RNG.randn(9, 5)
+    c = nn.context("hy", h, y)
+    gen = nn.Generator(9, 5, lr=1e-3, dtype=np.float64, hidden=hidden, per_label=4,
+                       rng=np.random.RandomState(1), normalize=normalize)
+    assert gen.Wy.shape == (4, 5, 5) and "Wy" in gen.named_params()
+    for p in gen.params():
+        p += RNG.randn(*p.shape) * 0.1
+    before = [p.copy() for p in gen.params()]
+
+    def loss():
+        return 0.5 * float(np.sum((gen.predict(c, y)[0] - t) ** 2))
+
+    nums = [numeric_grad(loss, p) for p in gen.params()]
+    g_hat, cache = gen.predict(c, y)
+    gen.update(cache, g_hat, t)
+    for p0, p1, num in zip(before, gen.params(), nums):
+        assert close((p0 - p1) / gen.lr, num, tol=1e-5)
+
+
+@pytest.mark.parametrize("labels", ["one-hot", "bits"])
+def test_per_label_generator_is_the_linear_generator_over_h_y_and_their_outer_product(labels):
+    h, y = RNG.randn(6, 3), _labels(labels, 6, 4)
+    gen = nn.Generator(7, 2, lr=1e-3, dtype=np.float64, per_label=4)
+    for p in gen.params():
+        p += RNG.randn(*p.shape)
+    dense = nn.Generator(7 + 3 * 4, 2, lr=1e-3, dtype=np.float64)
+    dense.b2[:] = gen.b2
+    dense.W2[:7] = gen.W2
+    dense.W2[7:] = gen.Wy.transpose(1, 0, 2).reshape(3 * 4, 2)   # row i * 4 + k: h_i y_k
+    outer = (h[:, :, None] * y[:, None, :]).reshape(6, -1)
+    want, _ = dense.predict(np.concatenate([h, y, outer], axis=1))
+    got, _ = gen.predict(nn.context("hy", h, y), y)
+    assert np.allclose(got, want, atol=1e-12)
+
+
+def test_per_label_generator_starts_at_zero_and_refuses_to_guess_without_labels():
+    gen = nn.Generator(7, 2, lr=1e-3, dtype=np.float32, per_label=4)
+    g, _ = gen.predict(np.ones((3, 7), np.float32), np.eye(4, dtype=np.float32)[:3])
+    assert not g.any() and g.dtype == np.float32
+    with pytest.raises(ValueError, match="needs the labels"):
+        gen.predict(np.ones((3, 7), np.float32))
+
+
 def test_generator_with_batch_norm_has_gamma_beta_and_no_hidden_bias():
     gen = nn.Generator(5, 3, lr=1e-3, dtype=np.float64, hidden=4, batch_norm=True)
     assert list(gen.named_params()) == ["W1", "gamma", "beta", "W2", "b2"]

@@ -92,7 +92,7 @@ from dni_async.runtime import checkpoint
 RICH = {"optimizer": "adam", "lr": 0.01, "batch_norm": True, "bias": True,
         "generator_optimizer": "adam", "generator_lr": 0.001, "generator_hidden": 6,
         "generator_batch_norm": True, "generator_normalize": "example", "sg_scale": 0.5,
-        "lr_decay": "linear", "sg_trust": 0.1}
+        "lr_decay": "linear", "sg_trust": 0.1, "generator_per_label": True}
 
 
 def _models(settings):
@@ -300,3 +300,12 @@ def test_generator_normalize_still_reads_the_old_boolean():
     assert make_config({"generator_normalize": True}).generator_normalize == "batch"
     assert make_config({"generator_normalize": "false"}).generator_normalize == "none"
     assert make_config({"generator_normalize": "example"}).generator_normalize == "example"
+
+
+@pytest.mark.parametrize("mode,per_label", [("cdni", True), ("dni", False)])
+def test_per_label_maps_go_only_to_generators_that_see_the_labels(mode, per_label):
+    cfg, _, models = _models({"mode": mode, "generator_per_label": True})
+    gens = [m.generator for m in models if m.generator is not None]
+    assert gens and all((g.Wy is not None) == per_label for g in gens)
+    if per_label:
+        assert all(g.Wy.shape[0] == cfg.output_dim for g in gens)

@@ -62,6 +62,7 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
         gen = None
         if mode.has_generator(k, n, cfg.true_boundaries):
             ctx = cfg.generator_context()
+            per_label = cfg.generator_per_label and ctx == "hy"
             ctx_dim = {"h": widths[k + 1], "y": cfg.output_dim,
                        "hy": widths[k + 1] + cfg.output_dim}[ctx]
             gen = nn.Generator(ctx_dim, widths[k + 1], cfg.generator_lr, dtype,
@@ -69,7 +70,8 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
                                rng=np.random.RandomState([cfg.seed, 2, k]),
                                normalize=cfg.generator_normalize,
                                batch_norm=cfg.generator_batch_norm,
-                               optimizer=cfg.generator_optimizer, **adam)
+                               optimizer=cfg.generator_optimizer, **adam,
+                               per_label=cfg.output_dim if per_label else 0)
         lr = cfg.lr
         if cfg.synthetic_lr and mode.learns_from_guess(k, n, cfg.true_boundaries):
             lr = cfg.synthetic_lr

@@ -176,7 +176,7 @@ class StageModel:
         dL/dx (delta_hat @ W.T, with the weights of the forward pass and without `sg_scale`)
         is the target for the previous stage's generator; it can leave before the update."""
         c = nn.context(self.context, cache.h, y)
-        g_hat, gen_cache = self.generator.predict(c)
+        g_hat, gen_cache = self.generator.predict(c, y)
         delta = self._delta(cache, g_hat)
         g_prev = self.layer.grad_input(delta) if need_grad_input else None
         return delta, g_prev, (gen_cache, g_hat)

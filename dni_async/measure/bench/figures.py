@@ -194,19 +194,23 @@ def generator_info(cfg: Config) -> dict:
     """Which synthetic-gradient generator the decoupled stages use, and its size against the
     layer: multiply-adds per row of one generator pass / those of the layer's forward matmul."""
     ctx, hid, widths = cfg.generator_context(), cfg.generator_hidden, cfg.widths
+    per_label = cfg.generator_per_label and ctx == "hy"
     shapes, shares = [], []
     for k in range(cfg.n_stages - 1):
         out = widths[k + 1]
         c = {"h": out, "y": cfg.output_dim, "hy": out + cfg.output_dim}[ctx]
         shapes.append([c, hid, out] if hid else [c, out])
-        shares.append((c * hid + hid * out if hid else c * out) / (widths[k] * out))
+        adds = (c * hid + hid * out if hid else c * out) + (out * out if per_label else 0)
+        shares.append(adds / (widths[k] * out))
     seen = {"h": "the layer's output h", "y": "the labels y only", "hy": "[h, y]"}[ctx]
     kind = f"generator with a {hid}-unit relu bottleneck" if hid else "linear generator"
+    if per_label:
+        kind += " and one map of h per label (counted for one label a row)"
     text = (f"{kind} on {seen} (context '{ctx}'; "
             + ", ".join("->".join(map(str, sh)) for sh in shapes)
             + "; one generator pass costs " + ", ".join(f"{x:.0%}" for x in shares)
             + " of its stage's forward matmul, stage by stage)")
-    return {"context": ctx, "hidden": hid, "kind": kind, "shapes": shapes,
+    return {"context": ctx, "hidden": hid, "per_label": per_label, "kind": kind, "shapes": shapes,
             "pass_share_of_layer_matmul": shares, "text": text}
 
 
