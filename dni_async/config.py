@@ -172,9 +172,13 @@ PRESETS: dict[str, dict] = {
     # Adam, softmax cross-entropy; for dni/cdni linear generators (over [h, one-hot y] in cdni)
     # trained by their own Adam, the true gradient at the boundary next to the output, and one
     # batch in flight (docs/results.md: what each buys). The math was chosen in one process
-    # (docs/math-study.md). `--layers N` gives N weight layers of the same width.
+    # (docs/math-study.md). `--layers N` gives N weight layers of the same width. On MNIST-1D,
+    # cdni's generators also keep one map of h per class (`generator_per_label`) and its
+    # synthetic steps wait on the guesses' record (`sg_trust`); on digits each cost 0.3-1.4 points
+    # (docs/math-study.md, "Per-label maps").
     "mnist1d": {"dataset": "mnist1d", "n_train": 4000, "n_test": 1000, "hidden": [128, 128],
-                **CLASSIFIER, "batch_size": 100, "epochs": 60},
+                **CLASSIFIER, "batch_size": 100, "epochs": 60,
+                "generator_per_label": True, "sg_trust": 0.1},
     "digits": {"dataset": "digits", "n_train": 1400, "n_test": 360, "hidden": [128, 128],
                **CLASSIFIER, "batch_size": 50, "epochs": 60},
 }

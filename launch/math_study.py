@@ -26,8 +26,10 @@ from dni_async.oneprocess import reference
 
 
 # The first five phases ran before the presets kept the true gradient at the boundary next to
-# the output: they pin every boundary synthetic, as studied. `deep` runs the presets as they are.
-AS_STUDIED = {"true_boundaries": []}
+# the output: they pin every boundary synthetic, as studied. `deep` ran before MNIST-1D's preset
+# took per-label generators and `sg_trust`: it pins them off (a row may set sg_trust itself).
+BEFORE_PER_LABEL = {"generator_per_label": False, "sg_trust": 0.0}
+AS_STUDIED = {"true_boundaries": [], **BEFORE_PER_LABEL}
 
 
 def run(out, label, preset, **settings):
@@ -138,7 +140,7 @@ def deep(out):
         for layers in (4, 6):
             for seed in (1, 2, 3):
                 run(out, f"mnist1d {layers} layers {name} seed {seed}", "mnist1d",
-                    layers=layers, seed=seed, **s)
+                    layers=layers, seed=seed, **{**BEFORE_PER_LABEL, **s})
 
 
 def _first_stages_at(lr, stages=2):
