@@ -157,7 +157,7 @@ class Config:
 CLASSIFIER = {"activation": ["relu"], "bias": True, "init": "he", "output_activation": "softmax",
               "loss": "softmax_xent", "batch_norm": True, "optimizer": "adam", "lr": 0.01,
               "generator_optimizer": "adam", "generator_lr": 0.001, "max_in_flight": 1,
-              "true_boundaries": [-1], "eval_every": 5}
+              "true_boundaries": [-1], "sg_trust": 0.1, "eval_every": 5}
 
 PRESETS: dict[str, dict] = {
     # The seed post's network and training, exactly (24 -> 128 -> 64 -> 12, sigmoid, no bias).
@@ -172,13 +172,13 @@ PRESETS: dict[str, dict] = {
     # Adam, softmax cross-entropy; for dni/cdni linear generators (over [h, one-hot y] in cdni)
     # trained by their own Adam, the true gradient at the boundary next to the output, and one
     # batch in flight (docs/results.md: what each buys). The math was chosen in one process
-    # (docs/math-study.md). `--layers N` gives N weight layers of the same width. On MNIST-1D,
-    # cdni's generators also keep one map of h per class (`generator_per_label`) and its
-    # synthetic steps wait on the guesses' record (`sg_trust`); on digits each cost 0.3-1.4 points
-    # (docs/math-study.md, "Per-label maps").
+    # (docs/math-study.md). `--layers N` gives N weight layers of the same width. Synthetic
+    # steps are scaled by the guesses' record (`sg_trust`), which stops a late collapse seen in
+    # both; MNIST-1D's generators also keep one map of h per class (`generator_per_label`),
+    # which costs digits a point (docs/math-study.md, "Per-label maps").
     "mnist1d": {"dataset": "mnist1d", "n_train": 4000, "n_test": 1000, "hidden": [128, 128],
                 **CLASSIFIER, "batch_size": 100, "epochs": 60,
-                "generator_per_label": True, "sg_trust": 0.1},
+                "generator_per_label": True},
     "digits": {"dataset": "digits", "n_train": 1400, "n_test": 360, "hidden": [128, 128],
                **CLASSIFIER, "batch_size": 50, "epochs": 60},
 }
