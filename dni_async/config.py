@@ -174,8 +174,8 @@ PRESETS: dict[str, dict] = {
     # batch in flight (docs/results.md: what each buys). The math was chosen in one process
     # (docs/math-study.md). `--layers N` gives N weight layers of the same width. Synthetic
     # steps are scaled by the guesses' record (`sg_trust`), which stops a late collapse seen in
-    # both; MNIST-1D's generators also keep one map of h per class (`generator_per_label`),
-    # which costs digits a point (docs/math-study.md, "Per-label maps").
+    # both; MNIST-1D's generators also keep one map of h per class (`generator_per_label`):
+    # about a point there, level on digits, and slower (docs/math-study.md, "Per-label maps").
     "mnist1d": {"dataset": "mnist1d", "n_train": 4000, "n_test": 1000, "hidden": [128, 128],
                 **CLASSIFIER, "batch_size": 100, "epochs": 60,
                 "generator_per_label": True},

@@ -154,12 +154,14 @@ def results_markdown(spec: dict, res: dict, command: str, images: dict) -> str:
     runner = ("the real pipeline: a coordinator and one OS process per layer over ZeroMQ "
               "(`launch.train`, as `dni-async train` does)" if spec["runner"] == "pipeline"
               else "the single-process reference trainer")
+    again = ("lockstep modes give the same accuracies again, decoupled ones vary with the order "
+             "of events (a 3-seed mean by up to about twice the spread shown)"
+             if spec["runner"] == "pipeline" else "every accuracy comes out the same again")
     out = [f"# {spec['title']}", "",
            f"Made by `{command}` on {res.get('date') or time.strftime('%Y-%m-%d')} ({mach}): "
            f"{n_runs} runs of "
            f"{runner}, {minutes:.1f} minutes in all. Run it again to reproduce this file; "
-           "accuracies agree within the spread shown, timings depend on the machine and on "
-           "what else it runs.", ""]
+           f"{again}, and timings depend on the machine and on what else it runs.", ""]
     out += ["Held-out accuracy after the same number of epochs for every mode (mean ± sample "
             f"standard deviation over seeds {', '.join(map(str, spec['seeds']))}; the best mean "
             "of a row in bold), and the pipeline's wall-clock seconds per run (the coordinator's, "
