@@ -131,6 +131,10 @@ def test_checkpoint_of_optimizer_and_norm_state_resumes_bit_for_bit(mode, tmp_pa
         assert sa.keys() == sb.keys()
         assert all(np.array_equal(sa[k], sb[k]) for k in sa), mode
     assert {"bn_gamma", "bn_mean", "bn_var", "opt_W.m", "opt_t"} <= set(straight[0].snapshot())
+    if mode == "cdni":                  # the per-label maps learnt, and their state came back
+        gen = straight[0].generator
+        assert gen.Wy is not None and gen.Wy.any()
+        assert np.array_equal(gen.Wy, resumed[0].generator.Wy)
 
 
 def test_checkpoint_without_optimizer_state_is_refused():
@@ -139,6 +143,14 @@ def test_checkpoint_without_optimizer_state_is_refused():
     del snap["opt_W.v"]
     with pytest.raises(ValueError, match="lacks opt_W.v"):
         models[0].load(snap)
+
+
+@pytest.mark.parametrize("saved,loaded", [(True, False), (False, True)])
+def test_checkpoint_of_other_generator_settings_is_refused(saved, loaded):
+    _, _, source = _models({**RICH, "mode": "cdni", "generator_per_label": saved})
+    _, _, target = _models({**RICH, "mode": "cdni", "generator_per_label": loaded})
+    with pytest.raises(ValueError, match="generator_per_label"):
+        target[0].load(source[0].snapshot())
 
 
 def test_seed_checkpoint_keeps_its_keys():
@@ -302,9 +314,10 @@ def test_generator_normalize_still_reads_the_old_boolean():
     assert make_config({"generator_normalize": "example"}).generator_normalize == "example"
 
 
-@pytest.mark.parametrize("mode,per_label", [("cdni", True), ("dni", False)])
-def test_per_label_maps_go_only_to_generators_that_see_the_labels(mode, per_label):
-    cfg, _, models = _models({"mode": mode, "generator_per_label": True})
+@pytest.mark.parametrize("mode,context,per_label", [("cdni", "auto", True), ("dni", "auto", False),
+                                                    ("cdni", "y", False), ("dni", "hy", True)])
+def test_per_label_maps_go_only_to_generators_that_see_h_and_the_labels(mode, context, per_label):
+    cfg, _, models = _models({"mode": mode, "context": context, "generator_per_label": True})
     gens = [m.generator for m in models if m.generator is not None]
     assert gens and all((g.Wy is not None) == per_label for g in gens)
     if per_label:

@@ -155,7 +155,7 @@ def results_markdown(spec: dict, res: dict, command: str, images: dict) -> str:
               "(`launch.train`, as `dni-async train` does)" if spec["runner"] == "pipeline"
               else "the single-process reference trainer")
     again = ("lockstep modes give the same accuracies again, decoupled ones vary with the order "
-             "of events (a 3-seed mean by up to about twice the spread shown)"
+             "of events"
              if spec["runner"] == "pipeline" else "every accuracy comes out the same again")
     out = [f"# {spec['title']}", "",
            f"Made by `{command}` on {res.get('date') or time.strftime('%Y-%m-%d')} ({mach}): "

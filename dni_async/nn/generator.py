@@ -12,8 +12,9 @@ The context can be normalised before the generator sees it: over the batch (each
 zero mean, unit spread) or per example (each row to zero mean, unit spread).
 
 `per_label` adds one more linear map of the context's h part for each label, weighted by y:
-for one-hot y, each class has its own map of h, on top of the shared one; it is the linear
-generator over [h, y, h (x) y], computed without the outer product. Why: the true dL/dh of a
+for one-hot y, each class has its own map of h, on top of the shared one. Without a hidden
+layer it is the linear generator over [h, y, h (x) y] (h as normalised), computed without the
+outer product. Why: the true dL/dh of a
 classifier is W^T (p - y) seen through the layers above, so which way h should move depends on
 the label and on h together; a map shared by all labels can only add the two. On 6-layer
 MNIST-1D it closes most of cdni's gap to backprop (docs/math-study.md, "Per-label maps").

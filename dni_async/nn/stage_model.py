@@ -275,9 +275,17 @@ class StageModel:
     def load(self, arrays: dict) -> None:
         """Restore what `snapshot()` saved, in place, refusing any shape or dtype change and
         a missing parameter or optimizer state."""
+        expected = {**self.arrays(), **self._optimizer_state()}
+        foreign = [k for k in arrays if k.startswith("gen") and k != "gen_steps"
+                   and k not in expected]
+        if foreign:
+            raise ValueError(f"checkpoint has {foreign[0]}, which this stage's generator lacks "
+                             "(saved with other generator settings, e.g. generator_per_label?)")
         for name, current in self.arrays().items():
             if name not in arrays:
-                raise ValueError(f"checkpoint lacks {name}")
+                hint = (" (saved with other generator settings, e.g. generator_per_label?)"
+                        if name.startswith("gen") else "")
+                raise ValueError(f"checkpoint lacks {name}{hint}")
             new = arrays[name]
             if new.shape != current.shape or new.dtype != current.dtype:
                 raise ValueError(f"checkpoint {name} is {new.dtype}{new.shape}, "
@@ -290,7 +298,9 @@ class StageModel:
             want = {k: arrays[prefix + k] for k in opt.state() if prefix + k in arrays}
             missing = [prefix + k for k in opt.state() if prefix + k not in arrays]
             if missing:
-                raise ValueError(f"checkpoint lacks {missing[0]}")
+                hint = (" (saved with other generator settings, e.g. generator_per_label?)"
+                        if prefix == "gen_opt_" else "")
+                raise ValueError(f"checkpoint lacks {missing[0]}{hint}")
             opt.load_state(want)
         if self.generator is not None and "gen_steps" in arrays:
             self.generator.steps = int(arrays["gen_steps"])

@@ -205,7 +205,7 @@ def generator_info(cfg: Config) -> dict:
     seen = {"h": "the layer's output h", "y": "the labels y only", "hy": "[h, y]"}[ctx]
     kind = f"generator with a {hid}-unit relu bottleneck" if hid else "linear generator"
     if per_label:
-        kind += " and one map of h per label (counted for one label a row)"
+        kind += " and one map of h per label (its pass counted for one label a row)"
     text = (f"{kind} on {seen} (context '{ctx}'; "
             + ", ".join("->".join(map(str, sh)) for sh in shapes)
             + "; one generator pass costs " + ", ".join(f"{x:.0%}" for x in shares)
