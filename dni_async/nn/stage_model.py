@@ -41,6 +41,10 @@ class Cache:
         self.x, self.h, self.norm, self.norm_grads = x, h, norm, None
 
 
+# why a checkpoint's generator arrays may not fit: it was saved under other settings
+OTHER_GENERATOR = " (saved with other generator settings, e.g. generator_per_label?)"
+
+
 class StageModel:
     def __init__(self, layer: nn.Dense, *, lr: float, loss: str | None = None,
                  generator: nn.Generator | None = None, context: str = "h",
@@ -279,12 +283,11 @@ class StageModel:
         foreign = [k for k in arrays if k.startswith("gen") and k != "gen_steps"
                    and k not in expected]
         if foreign:
-            raise ValueError(f"checkpoint has {foreign[0]}, which this stage's generator lacks "
-                             "(saved with other generator settings, e.g. generator_per_label?)")
+            raise ValueError(f"checkpoint has {foreign[0]}, which this stage's generator lacks"
+                             f"{OTHER_GENERATOR}")
         for name, current in self.arrays().items():
             if name not in arrays:
-                hint = (" (saved with other generator settings, e.g. generator_per_label?)"
-                        if name.startswith("gen") else "")
+                hint = OTHER_GENERATOR if name.startswith("gen") else ""
                 raise ValueError(f"checkpoint lacks {name}{hint}")
             new = arrays[name]
             if new.shape != current.shape or new.dtype != current.dtype:
@@ -298,8 +301,7 @@ class StageModel:
             want = {k: arrays[prefix + k] for k in opt.state() if prefix + k in arrays}
             missing = [prefix + k for k in opt.state() if prefix + k not in arrays]
             if missing:
-                hint = (" (saved with other generator settings, e.g. generator_per_label?)"
-                        if prefix == "gen_opt_" else "")
+                hint = OTHER_GENERATOR if prefix == "gen_opt_" else ""
                 raise ValueError(f"checkpoint lacks {missing[0]}{hint}")
             opt.load_state(want)
         if self.generator is not None and "gen_steps" in arrays:
