@@ -138,6 +138,10 @@ class Config:
             return self.context
         return modes.MODES[self.mode].context or "h"
 
+    def generator_maps_per_label(self) -> bool:
+        """`generator_per_label` takes effect only where the generator sees both h and y."""
+        return self.generator_per_label and self.generator_context() == "hy"
+
     @property
     def task(self) -> str:
         """What the outputs are: independent bits (binary addition) or one class per row."""

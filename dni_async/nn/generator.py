@@ -43,6 +43,11 @@ def context(kind: str, h, y):
     raise ValueError(f"unknown generator context {kind!r}")
 
 
+def context_dim(kind: str, h_dim: int, y_dim: int) -> int:
+    """Columns of `context(kind, h, y)`."""
+    return {"h": h_dim, "y": y_dim, "hy": h_dim + y_dim}[kind]
+
+
 def normalize_context(kind: str, c):
     """The context normalised over the batch (per column) or per example (per row)."""
     if kind == "none":
@@ -95,7 +100,7 @@ class Generator:
         self.optimizer = optim.make(optimizer, self.named_params(), lr, beta1=beta1,
                                     beta2=beta2, eps=eps)
 
-    def _forward(self, c, y):
+    def _forward(self, c, groups):
         if not self.hidden:
             g, z, nc = c.dot(self.W2) + self.b2, None, None
         else:
@@ -109,17 +114,22 @@ class Generator:
             g = z.dot(self.W2) + self.b2
         if self.Wy is not None:
             h = c[:, :self.Wy.shape[1]]
-            for k, rows, w in _label_rows(y, g.dtype):
+            for k, rows, w in groups:
                 g[rows] += w * h[rows].dot(self.Wy[k])
-        return g, (c, z, nc, y)
+        return g, (c, z, nc, groups)
 
     def predict(self, c, y=None):
         """Returns (g_hat, cache); the cache is what `update` and `refresh` need later.
 
         `y` (the labels, as they are in the context) weights the per-label maps."""
-        if self.Wy is not None and y is None:
+        if self.Wy is None:
+            return self._forward(normalize_context(self.normalize, c), None)
+        if y is None:
             raise ValueError("a per-label generator needs the labels")
-        return self._forward(normalize_context(self.normalize, c), y)
+        c = normalize_context(self.normalize, c)
+        # which rows carry which label, found once: the guess, a refresh and the step reuse it
+        groups = list(_label_rows(y, np.result_type(c.dtype, self.W2.dtype)))
+        return self._forward(c, groups)
 
     def refresh(self, cache):
         """(g_hat, cache) for the same (already normalised) context, with today's weights."""
@@ -127,14 +137,14 @@ class Generator:
 
     def gradients(self, cache, g_hat, target) -> tuple:
         """(batch-sum gradients by parameter name, squared error) of 0.5 ||g_hat - target||^2."""
-        c, z, nc, y = cache
+        c, z, nc, groups = cache
         d = g_hat - target
         sq = float(np.sum(d * d))
         grads = {"b2": d.sum(axis=0)}
         if self.Wy is not None:
             h = c[:, :self.Wy.shape[1]]
             grads["Wy"] = gy = np.zeros_like(self.Wy)
-            for k, rows, w in _label_rows(y, d.dtype):
+            for k, rows, w in groups:
                 gy[k] = (w * h[rows]).T.dot(d[rows])
         if self.hidden:
             dz = d.dot(self.W2.T)

@@ -61,17 +61,14 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
         layer = nn.Dense(W, b, acts[k], norm=norm)
         gen = None
         if mode.has_generator(k, n, cfg.true_boundaries):
-            ctx = cfg.generator_context()
-            per_label = cfg.generator_per_label and ctx == "hy"
-            ctx_dim = {"h": widths[k + 1], "y": cfg.output_dim,
-                       "hy": widths[k + 1] + cfg.output_dim}[ctx]
+            ctx_dim = nn.context_dim(cfg.generator_context(), widths[k + 1], cfg.output_dim)
             gen = nn.Generator(ctx_dim, widths[k + 1], cfg.generator_lr, dtype,
                                hidden=cfg.generator_hidden,
                                rng=np.random.RandomState([cfg.seed, 2, k]),
                                normalize=cfg.generator_normalize,
                                batch_norm=cfg.generator_batch_norm,
                                optimizer=cfg.generator_optimizer, **adam,
-                               per_label=cfg.output_dim if per_label else 0)
+                               per_label=cfg.output_dim if cfg.generator_maps_per_label() else 0)
         lr = cfg.lr
         if cfg.synthetic_lr and mode.learns_from_guess(k, n, cfg.true_boundaries):
             lr = cfg.synthetic_lr

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from dni_async import progress, report
+from dni_async import nn, progress, report
 from dni_async.config import Config, ConfigError
 from dni_async.nn.modes import BASELINE
 from dni_async.progress import Target
@@ -194,11 +194,11 @@ def generator_info(cfg: Config) -> dict:
     """Which synthetic-gradient generator the decoupled stages use, and its size against the
     layer: multiply-adds per row of one generator pass / those of the layer's forward matmul."""
     ctx, hid, widths = cfg.generator_context(), cfg.generator_hidden, cfg.widths
-    per_label = cfg.generator_per_label and ctx == "hy"
+    per_label = cfg.generator_maps_per_label()
     shapes, shares = [], []
     for k in range(cfg.n_stages - 1):
         out = widths[k + 1]
-        c = {"h": out, "y": cfg.output_dim, "hy": out + cfg.output_dim}[ctx]
+        c = nn.context_dim(ctx, out, cfg.output_dim)
         shapes.append([c, hid, out] if hid else [c, out])
         adds = (c * hid + hid * out if hid else c * out) + (out * out if per_label else 0)
         shares.append(adds / (widths[k] * out))
