@@ -34,6 +34,12 @@ BEFORE_PER_LABEL = {"generator_per_label": False, "sg_trust": 0.0}
 AS_STUDIED = {"true_boundaries": [], **BEFORE_PER_LABEL}
 
 
+def append(out, row):
+    """One finished run, one JSON line: a phase cut short keeps what it finished."""
+    with open(out, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def run(out, label, preset, **settings):
     cfg = make_config({"eval_every": 1000, "log_every": 1000, **settings}, preset=preset)
     t0 = time.process_time()
@@ -41,8 +47,7 @@ def run(out, label, preset, **settings):
     row = {"label": label, "preset": preset, "settings": settings,
            "test_acc": s["final"]["test_bit_acc"], "train_acc": s["final"]["train_bit_acc"],
            "cpu_s": time.process_time() - t0, "generators": s["generators"]}
-    with open(out, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    append(out, row)
     print(f"{label:60s} {row['test_acc']:.3f} (train {row['train_acc']:.3f}) "
           f"{row['cpu_s']:.1f} s", flush=True)
 
@@ -211,8 +216,7 @@ def wide(out):
                 r = reference.train(cfg, log=None)
                 row = {"label": f"wide, to {target}, {name} seed {seed}", "updates": r["batches"],
                        "reached": r["stopped"] == "target", "test_acc": r["final"]["test_bit_acc"]}
-                with open(out, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                append(out, row)
                 print(f"{row['label']:70s} {row['updates']} updates, held-out "
                       f"{row['test_acc']:.3f}", flush=True)
             restore()
