@@ -23,7 +23,7 @@ HISTORY_KEYS = ("epoch", "delta_l1", "loss", "train_bit_acc", "train_exact_acc",
 
 
 def history_row(epoch: int, train_sums: dict, test: dict | None, seconds: float,
-                samples_per_s: float) -> dict:
+                samples_per_s: float | None) -> dict:
     """The row of the `epoch`-th epoch, counted from 1 as the console, metrics.csv and
     summary.json all count them."""
     t = metrics.summarize(train_sums, "train")
@@ -58,7 +58,11 @@ def format_row(row: dict, epochs: int) -> str:
         f"  test bit {row['test_bit_acc']:.4f} exact {row['test_exact_acc']:.3f}")
     return (f"epoch {row['epoch']:>5}/{epochs}  delta_l1 {row['delta_l1']:.6g}  "
             f"loss {row['loss']:.5f}  train bit {row['train_bit_acc']:.4f} "
-            f"exact {row['train_exact_acc']:.3f}{test}  {row['samples_per_s']:,.0f} samples/s")
+            f"exact {row['train_exact_acc']:.3f}{test}  {_rate(row['samples_per_s'])}")
+
+
+def _rate(samples_per_s: float | None) -> str:
+    return "- samples/s" if samples_per_s is None else f"{samples_per_s:,.0f} samples/s"
 
 
 def machine() -> dict:

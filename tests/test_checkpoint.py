@@ -18,14 +18,28 @@ from dni_async.config import make_config
 FLAGS = ["--mode", "backprop", "--epochs", "60"]
 
 
-def uninterrupted():
-    return reference.train(make_config({"mode": "backprop", "epochs": 60}), log=None)
+def uninterrupted(epochs=60):
+    return reference.train(make_config({"mode": "backprop", "epochs": epochs}), log=None)
 
 
-def start(run_dir, *extra):
+def start(run_dir, *extra, flags=FLAGS, quiet=True):
     return subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--run-dir", str(run_dir),
-                             "--quiet", *FLAGS, *extra], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *(["--quiet"] if quiet else []), *flags, *extra], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def interrupt_after_an_epoch(run_dir, flags=FLAGS):
+    """Ctrl-C once the run has logged its first epoch: training is under way, whatever the
+    machine's load (a fixed sleep may land in the start-up)."""
+    proc = start(run_dir, "--log-every", "1", flags=flags, quiet=False)
+    for line in proc.stdout:             # the run's own deadlines bound this read
+        if line.startswith("epoch"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert "resume with: dni-async train --resume" in err
 
 
 def wait_for_checkpoints(run_dir, n, timeout=60):
@@ -52,14 +66,23 @@ def same_run(got, want):
 
 
 def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(no_leftovers):
-    proc = start(no_leftovers)
-    time.sleep(4)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 130, err
-    assert "resume with: dni-async train --resume" in err
+    interrupt_after_an_epoch(no_leftovers, flags=["--mode", "backprop", "--epochs", "20"])
     got, _ = resume(no_leftovers)
-    same_run(got, uninterrupted())
+    same_run(got, uninterrupted(epochs=20))
+
+
+# one batch of training per epoch and a held-out set 5,000 times larger: Ctrl-C lands in an
+# evaluation, after the epoch's training and before its row (a resume once skipped the rest)
+EVAL_BOUND = {"mode": "backprop", "epochs": 20, "n_train": 10, "batch_size": 10,
+              "n_test": 50_000}
+
+
+def test_ctrl_c_in_an_evaluation_resumes_to_the_uninterrupted_end(no_leftovers):
+    interrupt_after_an_epoch(no_leftovers, flags=[
+        a for k, v in EVAL_BOUND.items() for a in ("--set", f"{k}={v}")])
+    got, _ = resume(no_leftovers)
+    assert [h["epoch"] for h in got["history"]] == list(range(1, 21))
+    same_run(got, reference.train(make_config(EVAL_BOUND), log=None))
 
 
 def test_killed_run_resumes_from_its_last_periodic_checkpoint(no_leftovers):

@@ -37,7 +37,11 @@ def test_a_run_that_overflows_reports_counts_once(no_leftovers):
     assert r.returncode == 0, r.stderr
     assert "RuntimeWarning" not in r.stderr, r.stderr
     counts = json.loads((no_leftovers / "summary.json").read_text())["fp_warnings"]
-    assert counts["stage-0"]["overflow"] > 0 and counts["stage-1"]["overflow"] > 0
+    # stage 1's generator learns from the true gradient, finite, and overflows; stage 0's
+    # learns from what stage 1 passes down, which may already be nan (no warning) or inf by
+    # the time it arrives, so its counts depend on timing and are not pinned
+    assert counts["stage-1"]["overflow"] > 0
+    assert set(counts) <= {"coordinator", "stage-0", "stage-1", "stage-2"}
     said = [ln for ln in r.stdout.splitlines() if ln.startswith(HEADLINE)]
     assert said == [line(counts)]
 

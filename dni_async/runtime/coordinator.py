@@ -232,6 +232,7 @@ class Coordinator:
     def run(self, log=print) -> dict | None:
         """Train to the end (returns the summary) or until interrupted (returns None)."""
         cfg, ds, st, pr = self.cfg, self.ds, self.state, self.progress
+        bpe = cfg.batches_per_epoch()
         wall0 = time.perf_counter()
         self.handshake()
         every = report.log_every(cfg)
@@ -248,7 +249,7 @@ class Coordinator:
                 st.train_seconds += dt
                 if not finished:
                     raise Interrupted
-                if st.next_batch == first:   # stopped before this epoch trained anything
+                if st.next_batch == first < bpe:   # stopped before this epoch trained anything
                     break
                 test = None
                 if ((epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
@@ -257,9 +258,11 @@ class Coordinator:
                     point = pr.point_at(pr.batches)
                     test = ({k: point[k] for k in point if k.startswith("test_")} if point
                             else self._held_out(st.train_seconds))
-                row = report.history_row(epoch + 1, st.epoch_sums, test, st.train_seconds,
-                                         (st.next_batch - first) * cfg.batch_size / dt
-                                         if dt else 0.0)
+                # resumed after an interrupt in this epoch's evaluation: its training, and
+                # its rate, belong to the run before
+                rate = ((st.next_batch - first) * cfg.batch_size / dt if dt else 0.0) \
+                    if first < bpe else None
+                row = report.history_row(epoch + 1, st.epoch_sums, test, st.train_seconds, rate)
                 st.history.append(row)
                 st.epoch, st.next_batch = epoch + 1, 0
                 self._log_row(log, row, every)
