@@ -13,7 +13,8 @@ cdni's gap: a second true boundary, `synthetic_lr`, `lr_decay`, `sg_trust`; seed
 (launch/wide.toml: updates until held-out bit accuracy 0.8 and 0.9, evaluated every 2, with
 targets on time or 2 steps late and the decoupled layers' learning rate lowered; seeds 1-3),
 `per_label` (MNIST-1D, 3-6 layers, seeds 1-6: generators with one map of h per label, with
-and without `sg_trust` or `lr_decay`; digits, 3 and 6 layers, seeds 1-3, with and without).
+and without `sg_trust` or `lr_decay`; digits, 3 and 6 layers, seeds 1-3, with and without),
+`generator_lr` (MNIST-1D, 3-6 layers, seeds 1-6: the per-label generators' learning rate).
 Every run is the reference trainer; each finished run appends one JSON line to OUT.
 `summary OUT.jsonl` prints the tables.
 """
@@ -32,6 +33,8 @@ from dni_async.oneprocess import reference
 # took per-label generators and `sg_trust`: it pins them off (a row may set sg_trust itself).
 BEFORE_PER_LABEL = {"generator_per_label": False, "sg_trust": 0.0}
 AS_STUDIED = {"true_boundaries": [], **BEFORE_PER_LABEL}
+# `per_label` ran with the generators' learning rate of the time; `generator_lr` chose today's.
+PER_LABEL_AS_STUDIED = {"generator_lr": 0.001}
 
 
 def append(out, row):
@@ -165,12 +168,23 @@ def per_label(out):
         for layers in depths:
             for seed in range(1, 7):
                 run(out, f"mnist1d {layers} layers {name} seed {seed}", "mnist1d",
-                    layers=layers, seed=seed, **s)
+                    layers=layers, seed=seed, **{**PER_LABEL_AS_STUDIED, **s})
     for name, s in [("cdni (preset)", {}), ("cdni, per label", {"generator_per_label": True})]:
         for layers in (3, 6):
             for seed in (1, 2, 3):
                 run(out, f"digits {layers} layers {name} seed {seed}", "digits",
                     layers=layers, seed=seed, mode="cdni", **s)
+
+
+def generator_lr(out):
+    """MNIST-1D over six seeds: the per-label generators' own Adam rate. Each of a generator's
+    maps learns from one class's rows, a tenth of the batch."""
+    for depths, rate in [((3, 4, 5, 6), 0.001), ((3, 4, 5, 6), 0.0003), ((6,), 0.0002),
+                         ((3, 4, 5, 6), 0.0001)]:
+        for layers in depths:
+            for seed in range(1, 7):
+                run(out, f"mnist1d {layers} layers cdni, generator_lr {rate:g} seed {seed}",
+                    "mnist1d", layers=layers, seed=seed, mode="cdni", generator_lr=rate)
 
 
 def _first_stages_at(lr, stages=2):
@@ -242,4 +256,5 @@ def summary(path):
 if __name__ == "__main__":
     phase, path = sys.argv[1], sys.argv[2]
     {"pick": pick, "table": table, "delay": delay, "norm": context_norm, "longer": longer,
-     "deep": deep, "wide": wide, "per_label": per_label, "summary": summary}[phase](path)
+     "deep": deep, "wide": wide, "per_label": per_label,
+     "generator_lr": generator_lr, "summary": summary}[phase](path)
