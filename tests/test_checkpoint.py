@@ -69,6 +69,8 @@ def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(no_leftovers
     interrupt_after_an_epoch(no_leftovers, flags=["--mode", "backprop", "--epochs", "20"])
     got, _ = resume(no_leftovers)
     same_run(got, uninterrupted(epochs=20))
+    # training seconds are the whole run's; wall seconds only this leg's, and it says so
+    assert got["resumed"] and got["train_seconds"] > 0
 
 
 # one batch of training per epoch and a held-out set 5,000 times larger: Ctrl-C lands in an

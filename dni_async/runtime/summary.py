@@ -27,8 +27,9 @@ def build(coord, final: dict, wall: float) -> dict:
         "batches": coord.progress.batches,
         "stopped": coord.progress.stopped,
         "final": final,
-        "wall_seconds": wall,
-        "train_seconds": st.train_seconds,
+        "wall_seconds": wall,               # of this process: since the resume, if resumed
+        "resumed": bool(spec.resume_from),
+        "train_seconds": st.train_seconds,  # of the whole run, every leg
         "samples_per_s": total_samples / st.train_seconds if st.train_seconds else 0.0,
         "weights_sha256": [s["weights_sha256"] for s in stages],
         "stage_busy": [s["busy"] / s["wall"] if s["wall"] else 0.0 for s in stages],
