@@ -296,7 +296,16 @@ def make_config(overrides: dict | None = None, *, preset: str | None = None) -> 
     # mode defaults first: a preset that sets one of them (digits: generator_lr) keeps its own
     values = {**MODE_DEFAULTS.get(mode, {}), **PRESETS[preset]}
     values.update(overrides)
-    return _checked(cfg, values)
+    cfg = _checked(cfg, values)
+    # a preset's per-label maps serve whichever mode runs it (a full config written out, as the
+    # bench's children read, repeats them); asked for beyond the preset, they must apply
+    asked = "generator_per_label" in overrides and not PRESETS[preset].get("generator_per_label")
+    if (asked and cfg.generator_per_label and modes.MODES[cfg.mode].decoupled
+            and not cfg.generator_maps_per_label()):
+        raise ConfigError(f"generator_per_label needs a generator that sees h and y; in "
+                          f"{cfg.mode} it sees {cfg.generator_context()} (use mode cdni, "
+                          f"or context = hy)")
+    return cfg
 
 
 def config_from_dict(data: dict) -> Config:

@@ -85,7 +85,7 @@ def test_bad_flags_give_one_clear_error_and_status_2(flags, needle):
 
 import numpy as np
 
-from dni_async.config import ConfigError
+from dni_async.config import PRESETS, ConfigError
 from dni_async.nn import metrics, network
 from dni_async.runtime import checkpoint
 
@@ -301,11 +301,21 @@ def test_layers_sets_the_depth_at_the_preset_width():
     ({"target_delay": 64}, "target_delay (64) must be below max_pending (64)"),
     ({"layers": 1}, "layers must be at least 2"),
     ({"batch_norm": "maybe"}, "batch_norm: cannot read 'maybe'"),
+    ({"mode": "dni", "generator_per_label": True}, "generator_per_label needs a generator that "
+                                                   "sees h and y; in dni it sees h"),
+    ({"mode": "cdni", "context": "y", "generator_per_label": "true"}, "in cdni it sees y"),
 ])
 def test_bad_new_settings_are_one_clear_line(settings, needle):
     with pytest.raises(ConfigError) as err:
         make_config(settings)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_presets_per_label_maps_written_out_read_back_in_any_mode():
+    # the bench hands its children the whole config; the preset's maps come back with it
+    cfg = make_config({"mode": "dni"}, preset="mnist1d")
+    again = make_config(cfg.to_dict())
+    assert again == cfg and again.generator_per_label and not again.generator_maps_per_label()
 
 
 def test_generator_normalize_still_reads_the_old_boolean():
@@ -316,8 +326,11 @@ def test_generator_normalize_still_reads_the_old_boolean():
 
 @pytest.mark.parametrize("mode,context,per_label", [("cdni", "auto", True), ("dni", "auto", False),
                                                     ("cdni", "y", False), ("dni", "hy", True)])
-def test_per_label_maps_go_only_to_generators_that_see_h_and_the_labels(mode, context, per_label):
-    cfg, _, models = _models({"mode": mode, "context": context, "generator_per_label": True})
+def test_per_label_maps_go_only_to_generators_that_see_h_and_the_labels(mode, context, per_label,
+                                                                       monkeypatch):
+    # set by a preset, which serves every mode (asked for by name it must apply: above)
+    monkeypatch.setitem(PRESETS, "tiny", {**PRESETS["tiny"], "generator_per_label": True})
+    cfg, _, models = _models({"mode": mode, "context": context})
     gens = [m.generator for m in models if m.generator is not None]
     assert gens and all((g.Wy is not None) == per_label for g in gens)
     if per_label:
