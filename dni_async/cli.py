@@ -94,7 +94,7 @@ def config_from_args(args, default_mode: str | None = None):
             values[name] = v
     if default_mode and "mode" not in values:
         values["mode"] = default_mode
-    return make_config(values)
+    return make_config(values, one_mode=True)
 
 
 def _cmd_reference(args) -> int:

@@ -285,8 +285,12 @@ def _closest(name: str, names) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def make_config(overrides: dict | None = None, *, preset: str | None = None) -> Config:
-    """Defaults, then the preset, then mode defaults, then explicit overrides; checked."""
+def make_config(overrides: dict | None = None, *, preset: str | None = None,
+                one_mode: bool = False) -> Config:
+    """Defaults, then the preset, then mode defaults, then explicit overrides; checked.
+    `one_mode`: the overrides are for this run's mode alone (a single run's command line), so
+    a setting they ask for that this mode cannot use is refused; tools that share settings
+    across modes (bench, experiments) leave it unset and such a setting is ignored."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     preset = preset or overrides.pop("preset", None) or "seed"
     if preset not in PRESETS:
@@ -300,7 +304,7 @@ def make_config(overrides: dict | None = None, *, preset: str | None = None) -> 
     # a preset's per-label maps serve whichever mode runs it (a full config written out, as the
     # bench's children read, repeats them); asked for beyond the preset, they must apply
     asked = "generator_per_label" in overrides and not PRESETS[preset].get("generator_per_label")
-    if (asked and cfg.generator_per_label and modes.MODES[cfg.mode].decoupled
+    if (one_mode and asked and cfg.generator_per_label and modes.MODES[cfg.mode].decoupled
             and not cfg.generator_maps_per_label()):
         raise ConfigError(f"generator_per_label needs a generator that sees h and y; in "
                           f"{cfg.mode} it sees {cfg.generator_context()} (use mode cdni, "

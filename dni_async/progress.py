@@ -76,6 +76,12 @@ class Progress:
         """An evaluation of the untrained network is due (cadence set, nothing recorded)."""
         return bool(self.every) and not self.curve
 
+    def missing_point(self) -> bool:
+        """An evaluation was due at this batch and is not on the curve (an interrupt cut it
+        short): a resume takes it first."""
+        return (bool(self.every) and self.batches > 0 and self.batches % self.every == 0
+                and self.point_at(self.batches) is None)
+
     def trained_one(self) -> bool:
         """Count one batch; True when an evaluation is due after it."""
         self.batches += 1

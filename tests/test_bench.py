@@ -11,7 +11,8 @@ import pytest
 from dni_async.measure.bench import command as bench
 from dni_async.config import ConfigError
 from dni_async.measure.bench import figures
-from dni_async.progress import Target
+from dni_async.config import make_config
+from dni_async.progress import Progress, Target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "bench-tiny.toml")
@@ -37,6 +38,16 @@ def test_time_to_target_uses_training_seconds_of_the_held_out_curve():
     assert figures.time_to({"curve": curve}, Target("test_bit_acc", 0.7)) == 3.0
     assert figures.time_to({"curve": curve}, Target("test_bit_acc", 0.9)) is None
     assert figures.final_metric({"curve": curve, "final": {}}, "test_bit_acc") == 0.8
+
+
+def test_a_point_an_interrupt_cut_short_is_taken_first_on_resume():
+    cfg = make_config({"eval_batches": 10, "epochs": 2})
+    curve = [{"batches": 0, "seconds": 0.0, "test_bit_acc": 0.5}]
+    assert not Progress(cfg, curve, 5).missing_point()      # between points
+    assert Progress(cfg, curve, 10).missing_point()         # due at 10, not on the curve
+    curve.append({"batches": 10, "seconds": 1.0, "test_bit_acc": 0.6})
+    assert not Progress(cfg, curve, 10).missing_point()
+    assert not Progress(make_config({"epochs": 2}), [], 10).missing_point()   # no cadence
 
 
 @pytest.mark.parametrize("value, start, ok", [(0.45, 0.5, False), (0.51, 0.5, False),

@@ -307,15 +307,21 @@ def test_layers_sets_the_depth_at_the_preset_width():
 ])
 def test_bad_new_settings_are_one_clear_line(settings, needle):
     with pytest.raises(ConfigError) as err:
-        make_config(settings)
+        make_config(settings, one_mode=True)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_presets_per_label_maps_written_out_read_back_in_any_mode():
     # the bench hands its children the whole config; the preset's maps come back with it
     cfg = make_config({"mode": "dni"}, preset="mnist1d")
-    again = make_config(cfg.to_dict())
+    again = make_config(cfg.to_dict(), one_mode=True)
     assert again == cfg and again.generator_per_label and not again.generator_maps_per_label()
+
+
+def test_per_label_maps_shared_by_several_modes_are_ignored_where_they_cannot_apply():
+    # bench and experiments give every mode the same settings: dni is not refused for them
+    cfg = make_config({"mode": "dni", "generator_per_label": True}, preset="digits")
+    assert cfg.generator_per_label and not cfg.generator_maps_per_label()
 
 
 def test_generator_normalize_still_reads_the_old_boolean():

@@ -28,7 +28,7 @@ from dni_async.measure.clock import Clock
 from dni_async.nn import metrics, network
 from dni_async.nn.modes import mode_of
 from dni_async.measure.float_warnings import FloatWarnings
-from dni_async.runtime import failure, summary, wire
+from dni_async.runtime import checkpoint, failure, summary, wire
 from dni_async.runtime.control import ControlPlane, StageLost, trail
 from dni_async.runtime.credits import OpenSteps
 from dni_async.runtime.evaluation import Evaluations, Interrupted
@@ -60,6 +60,7 @@ class Coordinator:
         self.state = RunState.restore(spec.resume_from) if spec.resume_from else RunState()
         self.credits.completed_batches = self.state.completed_steps
         self.progress = Progress(self.cfg, self.state.curve, self.state.batches)
+        self.progress.stopped = self.state.stopped     # a target or budget reached before a resume
         self.eval_seconds = 0.0
         rows = min(EVAL_CHUNK, max(self.cfg.n_train, self.cfg.n_test)) / self.cfg.batch_size
         self.evals = Evaluations(self._feed, lambda: self.pump(self.cfg.heartbeat_s),
@@ -223,33 +224,39 @@ class Coordinator:
         """Evaluate the held-out set now and add it to the curve; its metrics."""
         t0 = time.perf_counter()
         self.state.n_eval += 1
-        test = metrics.summarize(self.evals.run(self.ds.x_test, self.ds.y_test,
-                                                self.state.n_eval), "test")
+        try:
+            test = metrics.summarize(self.evals.run(self.ds.x_test, self.ds.y_test,
+                                                    self.state.n_eval), "test")
+        finally:                  # an interrupted evaluation is not training time either
+            self.eval_seconds += time.perf_counter() - t0
         self.progress.record(train_seconds, test)
-        self.eval_seconds += time.perf_counter() - t0
         return test
 
     def run(self, log=print) -> dict | None:
         """Train to the end (returns the summary) or until interrupted (returns None)."""
         cfg, ds, st, pr = self.cfg, self.ds, self.state, self.progress
-        bpe = cfg.batches_per_epoch()
         wall0 = time.perf_counter()
         self.handshake()
         every = report.log_every(cfg)
         try:
-            if pr.starting():          # where training starts, for targets above it
+            # where training starts, for targets above it; or a point on the cadence that an
+            # interrupt cut short before this resume
+            if pr.starting() or pr.missing_point():
                 self._held_out(st.train_seconds)
-            while st.epoch < cfg.epochs and not pr.stopped:
+            # an epoch that trained part of its batches before a stop still gets its row
+            while st.epoch < cfg.epochs and (not pr.stopped or st.next_batch):
                 epoch = st.epoch
                 if st.next_batch == 0:
                     st.epoch_sums = metrics.empty()
                 first, t0 = st.next_batch, time.perf_counter()
-                finished = self.train_epoch(epoch)
-                dt = time.perf_counter() - t0 - self.eval_seconds
-                st.train_seconds += dt
+                try:
+                    finished = self.train_epoch(epoch)
+                finally:             # an interrupt mid-epoch keeps the seconds it trained
+                    dt = time.perf_counter() - t0 - self.eval_seconds
+                    st.train_seconds += dt
                 if not finished:
                     raise Interrupted
-                if st.next_batch == first < bpe:   # stopped before this epoch trained anything
+                if st.next_batch == 0:      # stopped before this epoch trained anything
                     break
                 test = None
                 if ((epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
@@ -258,10 +265,10 @@ class Coordinator:
                     point = pr.point_at(pr.batches)
                     test = ({k: point[k] for k in point if k.startswith("test_")} if point
                             else self._held_out(st.train_seconds))
-                # resumed after an interrupt in this epoch's evaluation: its training, and
-                # its rate, belong to the run before
-                rate = ((st.next_batch - first) * cfg.batch_size / dt if dt else 0.0) \
-                    if first < bpe else None
+                # None: resumed after every batch of the epoch (an interrupt in its
+                # evaluation), its training and its rate belong to the run before
+                rate = None if st.next_batch == first else (
+                    (st.next_batch - first) * cfg.batch_size / dt if dt else 0.0)
                 row = report.history_row(epoch + 1, st.epoch_sums, test, st.train_seconds, rate)
                 st.history.append(row)
                 st.epoch, st.next_batch = epoch + 1, 0
@@ -298,12 +305,25 @@ class Coordinator:
         """Snapshot every stage and the coordinator while nothing is in flight."""
         self._drain_credits()
         t0 = time.perf_counter()
+        if self._at_resume_source():
+            return self.last_checkpoint
         self.state.completed_steps = self.credits.completed_batches
         self.state.batches, self.state.stopped = self.progress.batches, self.progress.stopped
         self.last_checkpoint = take_checkpoint(self.control, self.pump, self.state,
                                                self.spec.run_dir, self.cfg)
         self.checkpoints.append(time.perf_counter() - t0)
         return self.last_checkpoint
+
+    def _at_resume_source(self) -> bool:
+        """This step's checkpoint is the one this run resumed from (taken in the evaluation
+        that ends an epoch): it holds these weights, and rewriting it in place would leave
+        nothing to fall back on if the run were killed mid-write. It is kept as it is."""
+        src = self.spec.resume_from
+        here = checkpoint.folder(self.spec.run_dir, self.state.step(self.cfg.batches_per_epoch()))
+        if src and os.path.realpath(here) == os.path.realpath(src):
+            self.last_checkpoint = src
+            return True
+        return False
 
     def publish(self, state: str) -> None:
         """A snapshot on the monitor stream now (the final one: done, interrupted, failed)."""

@@ -22,7 +22,7 @@ def steady_rate(history: list, warmup: int, samples_per_epoch: int | None = None
     t_prev = history[w - 1]["seconds"] if w else 0.0
     samples, seconds = 0.0, history[-1]["seconds"] - t_prev
     for row in history[w:]:
-        samples += row["samples_per_s"] * (row["seconds"] - t_prev)
+        samples += (row["samples_per_s"] or 0.0) * (row["seconds"] - t_prev)   # None: resumed
         t_prev = row["seconds"]
     return samples / seconds if seconds > 0 else 0.0
 
