@@ -28,9 +28,10 @@ def start(run_dir, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def interrupt_after_an_epoch(run_dir, flags=FLAGS) -> dict:
-    """Ctrl-C once the run has logged its first epoch: training is under way, whatever the
-    machine's load (a fixed sleep may land in the start-up). Returns the state checkpointed."""
+def interrupt_after_an_epoch(run_dir, flags=FLAGS, settle_s=0.0) -> tuple[str, dict]:
+    """Ctrl-C once the run has logged its first epoch (and `settle_s` more): training is under
+    way, whatever the machine's load (a fixed sleep may land in the start-up). Returns the
+    checkpoint's folder and the coordinator's state in it."""
     err_path = run_dir.parent / f"{run_dir.name}.stderr"     # a file: no pipe left unread
     with open(err_path, "w") as err_file:
         proc = subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--run-dir",
@@ -40,13 +41,14 @@ def interrupt_after_an_epoch(run_dir, flags=FLAGS) -> dict:
         for line in proc.stdout:         # ends at the first row, or when the run ends
             if line.startswith("epoch"):
                 break
+        time.sleep(settle_s)
         os.killpg(proc.pid, signal.SIGINT)
         proc.communicate(timeout=20)
     err = err_path.read_text()
     assert proc.returncode == 130, err
     assert "resume with: dni-async train --resume" in err
     folder = json.loads((run_dir / "stopped.json").read_text())["checkpoint"]
-    return json.loads(open(os.path.join(folder, "coordinator.json")).read())
+    return folder, json.loads(open(os.path.join(folder, "coordinator.json")).read())
 
 
 def wait_for_checkpoints(run_dir, n, timeout=60):
@@ -73,7 +75,7 @@ def same_run(got, want):
 
 
 def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(no_leftovers):
-    interrupt_after_an_epoch(no_leftovers, flags=["--mode", "backprop", "--epochs", "20"])
+    interrupt_after_an_epoch(no_leftovers, ["--mode", "backprop", "--epochs", "20"])
     got, _ = resume(no_leftovers)
     same_run(got, uninterrupted(epochs=20))
     # training seconds are the whole run's; wall seconds only this leg's, and it says so
@@ -86,16 +88,33 @@ EVAL_BOUND = {"mode": "backprop", "epochs": 20, "n_train": 10, "batch_size": 10,
               "n_test": 50_000}
 
 
+EVAL_BOUND_FLAGS = [a for k, v in EVAL_BOUND.items() for a in ("--set", f"{k}={v}")]
+
+
+def interrupt_in_an_evaluation(run_dir, *flags, settle_s=0.0):
+    for attempt in range(3):        # Ctrl-C lands elsewhere now and then: try again
+        tried = run_dir / f"try-{attempt}"
+        folder, state = interrupt_after_an_epoch(tried, [*EVAL_BOUND_FLAGS, *flags], settle_s)
+        if state["next_batch"] == 1:
+            return tried, folder    # the epoch's one batch done, its evaluation cut short
+    raise AssertionError("three Ctrl-Cs in a row missed the evaluation")
+
+
 def test_ctrl_c_in_an_evaluation_resumes_to_the_uninterrupted_end(no_leftovers):
-    flags = [a for k, v in EVAL_BOUND.items() for a in ("--set", f"{k}={v}")]
-    for attempt in range(3):        # Ctrl-C lands in training now and then: try again
-        run_dir = no_leftovers / f"try-{attempt}"
-        if interrupt_after_an_epoch(run_dir, flags)["next_batch"] == 1:
-            break                   # the epoch's one batch done, its evaluation cut short
-    else:
-        raise AssertionError("three Ctrl-Cs in a row missed the evaluation")
+    run_dir, _ = interrupt_in_an_evaluation(no_leftovers)
     got, _ = resume(run_dir)
     assert [h["epoch"] for h in got["history"]] == list(range(1, 21))
+    same_run(got, reference.train(make_config(EVAL_BOUND), log=None))
+
+
+def test_a_resume_leaves_the_checkpoint_it_started_from_as_it_was(no_leftovers):
+    # checkpointed every epoch: the resumed run's first one falls on its source's step
+    run_dir, source = interrupt_in_an_evaluation(
+        no_leftovers, "--checkpoint-every", "1", "--set", "keep_checkpoints=100",
+        settle_s=0.15)              # past the epoch's own checkpoint, into the evaluation
+    before = {f: open(os.path.join(source, f), "rb").read() for f in os.listdir(source)}
+    got, _ = resume(run_dir)
+    assert {f: open(os.path.join(source, f), "rb").read() for f in os.listdir(source)} == before
     same_run(got, reference.train(make_config(EVAL_BOUND), log=None))
 
 
