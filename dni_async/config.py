@@ -73,6 +73,7 @@ class Config:
                                         # (per column over the batch, or per row); true = batch
     generator_per_label: bool = False   # a context [h, y]: also one linear map of h per label
                                         # (the generator over [h, y, h (x) y]); no y: ignored
+    generator_per_label_lr: float = 0.0  # those maps' own rate; 0 = generator_lr
     generator_recompute: bool = True    # a late target trains the generator's current guess
     lr_decay: str = "none"              # the layers' adam: none | linear (to nothing by the
                                         # last planned update; generators keep their rate)
@@ -179,10 +180,12 @@ PRESETS: dict[str, dict] = {
     # (docs/math-study.md). `--layers N` gives N weight layers of the same width. Synthetic
     # steps are scaled by the guesses' record (`sg_trust`), which stops a late collapse seen in
     # both; MNIST-1D's generators also keep one map of h per class (`generator_per_label`):
-    # about a point there, level on digits, and slower (docs/math-study.md, "Per-label maps").
+    # about a point there, level on digits, and slower (docs/math-study.md, "Per-label maps"),
+    # learning at a thirtieth of the shared map's rate (docs/math-study.md, "The per-label
+    # maps' own rate").
     "mnist1d": {"dataset": "mnist1d", "n_train": 4000, "n_test": 1000, "hidden": [128, 128],
                 **CLASSIFIER, "batch_size": 100, "epochs": 60,
-                "generator_per_label": True},
+                "generator_per_label": True, "generator_per_label_lr": 3e-5},
     "digits": {"dataset": "digits", "n_train": 1400, "n_test": 360, "hidden": [128, 128],
                **CLASSIFIER, "batch_size": 50, "epochs": 60},
 }
@@ -386,6 +389,8 @@ def validate(cfg: Config) -> None:
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     need(cfg.generator_hidden >= 0, "generator_hidden must be >= 0")
     need(cfg.lr > 0 and cfg.generator_lr > 0, "lr and generator_lr must be positive")
+    need(cfg.generator_per_label_lr >= 0,
+         "generator_per_label_lr must be >= 0 (0: the per-label maps learn at generator_lr)")
     need(cfg.optimizer in OPTIMIZERS,
          f"unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
     need(cfg.lr_decay in ("none", "linear"),

@@ -14,7 +14,8 @@ cdni's gap: a second true boundary, `synthetic_lr`, `lr_decay`, `sg_trust`; seed
 targets on time or 2 steps late and the decoupled layers' learning rate lowered; seeds 1-3),
 `per_label` (MNIST-1D, 3-6 layers, seeds 1-6: generators with one map of h per label, with
 and without `sg_trust` or `lr_decay`; digits, 3 and 6 layers, seeds 1-3, with and without),
-`generator_lr` (MNIST-1D, 3-6 layers, seeds 1-6: the per-label generators' learning rate).
+`generator_lr` (MNIST-1D, 3-6 layers, seeds 1-6: the per-label generators' learning rate),
+`per_label_lr` (the same, with only the per-label maps' rate changed).
 Every run is the reference trainer; each finished run appends one JSON line to OUT.
 `summary OUT.jsonl` prints the tables.
 """
@@ -34,7 +35,8 @@ from dni_async.oneprocess import reference
 BEFORE_PER_LABEL = {"generator_per_label": False, "sg_trust": 0.0}
 AS_STUDIED = {"true_boundaries": [], **BEFORE_PER_LABEL}
 # `per_label` ran with the generators' learning rate of the time; `generator_lr` chose today's.
-PER_LABEL_AS_STUDIED = {"generator_lr": 0.001}
+# Both ran before the per-label maps had a rate of their own (`per_label_lr` chose it).
+PER_LABEL_AS_STUDIED = {"generator_lr": 0.001, "generator_per_label_lr": 0.0}
 
 
 def append(out, row):
@@ -184,7 +186,25 @@ def generator_lr(out):
         for layers in depths:
             for seed in range(1, 7):
                 run(out, f"mnist1d {layers} layers cdni, generator_lr {rate:g} seed {seed}",
-                    "mnist1d", layers=layers, seed=seed, mode="cdni", generator_lr=rate)
+                    "mnist1d", layers=layers, seed=seed, mode="cdni", generator_lr=rate,
+                    generator_per_label_lr=0.0)
+
+
+def per_label_lr(out):
+    """MNIST-1D over six seeds: the per-label maps at their own Adam rate, the shared map at
+    the preset's 1e-3. The per-label maps hold ten times its weights and each learns from a
+    tenth of the batch."""
+    for layers in (3, 4, 5, 6):          # backprop on the same machine, for the comparison
+        for seed in range(1, 7):
+            run(out, f"mnist1d {layers} layers backprop seed {seed}", "mnist1d",
+                layers=layers, seed=seed, mode="backprop")
+    for depths, rate in [((3, 4, 5, 6), 0.0), ((3, 6), 3e-4), ((3, 4, 5, 6), 1e-4),
+                         ((3, 4, 5, 6), 3e-5), ((3, 4, 5, 6), 1e-5)]:
+        name = f"per-label maps at {rate:g}" if rate else "per-label maps at generator_lr"
+        for layers in depths:
+            for seed in range(1, 7):
+                run(out, f"mnist1d {layers} layers cdni, {name} seed {seed}", "mnist1d",
+                    layers=layers, seed=seed, mode="cdni", generator_per_label_lr=rate)
 
 
 def _first_stages_at(lr, stages=2):
@@ -257,4 +277,5 @@ if __name__ == "__main__":
     phase, path = sys.argv[1], sys.argv[2]
     {"pick": pick, "table": table, "delay": delay, "norm": context_norm, "longer": longer,
      "deep": deep, "wide": wide, "per_label": per_label,
-     "generator_lr": generator_lr, "summary": summary}[phase](path)
+     "generator_lr": generator_lr, "per_label_lr": per_label_lr,
+     "summary": summary}[phase](path)

@@ -196,3 +196,20 @@ def test_context_shapes():
     assert nn.context("h", h, y).shape == (4, 3)
     assert nn.context("y", h, y).shape == (4, 2)
     assert nn.context("hy", h, y).shape == (4, 5)
+
+
+def test_per_label_maps_at_their_own_rate_leave_the_shared_map_as_it_was():
+    # Adam's first step moves every weight by about its rate (m_hat / sqrt(v_hat) = +-1), so
+    # the per-label maps move a tenth as far when given a tenth of the rate
+    h, y, t = RNG.randn(8, 5), _labels("one-hot", 8, 4), RNG.randn(8, 5)
+    c = nn.context("hy", h, y)
+    same = nn.Generator(9, 5, lr=1e-3, dtype=np.float64, per_label=4, optimizer="adam")
+    slow = nn.Generator(9, 5, lr=1e-3, dtype=np.float64, per_label=4, optimizer="adam",
+                        per_label_lr=1e-4)
+    for gen in (same, slow):
+        g_hat, cache = gen.predict(c, y)
+        gen.update(cache, g_hat, t)
+    assert np.array_equal(same.W2, slow.W2) and np.array_equal(same.b2, slow.b2)
+    moved = same.Wy != 0
+    assert moved.any() and np.array_equal(moved, slow.Wy != 0)
+    assert np.allclose(slow.Wy[moved] / same.Wy[moved], 0.1, rtol=1e-4)

@@ -101,3 +101,26 @@ def test_make_names_the_choices():
     assert isinstance(optim.make("adam", {}, 0.1), optim.Adam)
     with pytest.raises(ValueError, match="unknown optimizer"):
         optim.make("rmsprop", {}, 0.1)
+
+
+@pytest.mark.parametrize("kind,decay", [("sgd", 0), ("adam", 0), ("adam", 5)])
+def test_a_parameter_with_its_own_rate_steps_as_an_optimizer_of_that_rate_alone(kind, decay):
+    # one optimizer with rates={"b": 0.003} must equal two: one per rate
+    W, b = RNG.randn(4, 3), RNG.randn(3)
+    grads = [(RNG.randn(4, 3), RNG.randn(3)) for _ in range(4)]
+    extra = {"decay_updates": decay} if kind == "adam" else {}
+    mixed_W, mixed_b, only_W, only_b = W.copy(), b.copy(), W.copy(), b.copy()
+    mixed = optim.make(kind, {"W": mixed_W, "b": mixed_b}, 0.05, rates={"b": 0.003}, **extra)
+    fast = optim.make(kind, {"W": only_W}, 0.05, **extra)
+    slow = optim.make(kind, {"b": only_b}, 0.003, **extra)
+    for gW, gb in grads:
+        mixed.step({"W": gW.copy(), "b": gb.copy()}, n=6, scale=0.7)
+        fast.step({"W": gW.copy()}, n=6, scale=0.7)
+        slow.step({"b": gb.copy()}, n=6, scale=0.7)
+    assert np.array_equal(mixed_W, only_W) and np.array_equal(mixed_b, only_b)
+    assert not np.array_equal(mixed_b, b)
+
+
+def test_a_rate_for_a_parameter_it_does_not_have_is_refused():
+    with pytest.raises(ValueError, match=r"unknown parameters \['Wy'\]"):
+        optim.make("adam", {"W": np.zeros(2)}, 0.1, rates={"Wy": 0.01})

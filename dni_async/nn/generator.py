@@ -18,6 +18,10 @@ outer product. Why: the true dL/dh of a
 classifier is W^T (p - y) seen through the layers above, so which way h should move depends on
 the label and on h together; a map shared by all labels can only add the two. On 6-layer
 MNIST-1D it closes most of cdni's gap to backprop (docs/math-study.md, "Per-label maps").
+The per-label maps may learn at their own rate (`per_label_lr`): they hold ten times the
+shared map's weights, each learns from a tenth of the batch, and in a deep network their
+targets are themselves guesses, which at the shared map's rate they follow too closely
+(docs/math-study.md, "The per-label maps' own rate").
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ class Generator:
     def __init__(self, ctx_dim: int, out_dim: int, lr: float, dtype, hidden: int = 0,
                  rng: np.random.RandomState | None = None, normalize="none",
                  batch_norm: bool = False, optimizer: str = "sgd", beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8, per_label: int = 0):
+                 beta2: float = 0.999, eps: float = 1e-8, per_label: int = 0,
+                 per_label_lr: float = 0.0):
         if normalize is True or normalize is False:      # the old boolean: over the batch
             normalize = "batch" if normalize else "none"
         if normalize not in NORMALIZE:
@@ -97,8 +102,9 @@ class Generator:
             if not 0 < per_label < ctx_dim:
                 raise ValueError(f"per_label={per_label} needs a context [h, y] wider than y")
             self.Wy = np.zeros((per_label, ctx_dim - per_label, out_dim), dtype)
+        rates = {"Wy": per_label_lr} if per_label and per_label_lr else None
         self.optimizer = optim.make(optimizer, self.named_params(), lr, beta1=beta1,
-                                    beta2=beta2, eps=eps)
+                                    beta2=beta2, eps=eps, rates=rates)
 
     def _forward(self, c, groups):
         if not self.hidden:

@@ -68,7 +68,8 @@ def build(cfg: Config, rng: np.random.RandomState, ranks=None) -> list:
                                normalize=cfg.generator_normalize,
                                batch_norm=cfg.generator_batch_norm,
                                optimizer=cfg.generator_optimizer, **adam,
-                               per_label=cfg.output_dim if cfg.generator_maps_per_label() else 0)
+                               per_label=cfg.output_dim if cfg.generator_maps_per_label() else 0,
+                               per_label_lr=cfg.generator_per_label_lr)
         lr = cfg.lr
         if cfg.synthetic_lr and mode.learns_from_guess(k, n, cfg.true_boundaries):
             lr = cfg.synthetic_lr

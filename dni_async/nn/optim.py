@@ -9,7 +9,9 @@ beyond the small scratch it keeps. Parameters are updated in place.
           p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
           on per-example means: g / n with n the batch's rows, so its lr is the usual Adam lr
 
-State (Adam's moments and step count) is exposed by name for checkpoints and restored exactly.
+A parameter may take its own learning rate (`rates`, by name): a per-label generator's maps
+learn slower than its shared one. State (Adam's moments and step count) is exposed by name for
+checkpoints and restored exactly.
 """
 
 from __future__ import annotations
@@ -24,19 +26,20 @@ OPTIMIZERS = ("sgd", "adam")
 class SGD:
     """p -= lr * g on batch sums. Bit for bit the update the seed made (`W -= gW * lr`)."""
 
-    def __init__(self, params: dict, lr: float):
+    def __init__(self, params: dict, lr: float, rates: dict | None = None):
         self.params = dict(params)
         self.lr = lr
+        self.rates = _rates(rates, self.params)
 
     def step(self, grads: dict, n: int, scale: float = 1.0) -> None:
         """One update from batch-sum gradients (names as in `params`; a missing or None
         gradient leaves its parameter alone). `n`, the batch's rows, is not used by SGD;
         `scale` multiplies the learning rate for this step."""
-        lr = self.lr if scale == 1.0 else self.lr * scale
         for name, p in self.params.items():
             g = grads.get(name)
             if g is not None:
-                g *= lr          # the same product, then the same difference, as p -= g * lr
+                lr = self.rates.get(name, self.lr)
+                g *= lr if scale == 1.0 else lr * scale   # then p -= g: as the seed's p -= g * lr
                 p -= g
 
     def state(self) -> dict:
@@ -55,9 +58,10 @@ class Adam:
     BLOCK = 32768
 
     def __init__(self, params: dict, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-8, decay_updates: int = 0):
+                 eps: float = 1e-8, decay_updates: int = 0, rates: dict | None = None):
         self.params = dict(params)
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.rates = _rates(rates, self.params)
         self.decay_updates = decay_updates
         self.t = 0
         self.m = {k: np.zeros_like(p) for k, p in self.params.items()}
@@ -76,14 +80,17 @@ class Adam:
         m_in = (1.0 - b1) / n                        # the mean gradient, folded in
         v_in = (1.0 - b2) / (n * n)
         eps = self.eps * root_c2
-        lr = self.lr * scale
+        decay = None
         if self.decay_updates:       # linear decay to nothing over the planned updates
-            lr *= max(0.0, 1.0 - (self.t - 1) / self.decay_updates)
-        step_size = lr * root_c2 / c1
+            decay = max(0.0, 1.0 - (self.t - 1) / self.decay_updates)
         for name, p in self.params.items():
             g = grads.get(name)
             if g is None:
                 continue
+            lr = self.rates.get(name, self.lr) * scale
+            if decay is not None:
+                lr *= decay
+            step_size = lr * root_c2 / c1
             fp, fg = p.reshape(-1), np.ascontiguousarray(g).reshape(-1)
             fm, fv = self.m[name].reshape(-1), self.v[name].reshape(-1)
             scratch = self._scratch[p.dtype]
@@ -125,11 +132,19 @@ class Adam:
             self.v[k][...] = state[f"{k}.v"]
 
 
+def _rates(rates, params) -> dict:
+    unknown = sorted(set(rates or {}) - set(params))
+    if unknown:
+        raise ValueError(f"learning rates for unknown parameters {unknown}")
+    return dict(rates or {})
+
+
 def make(kind: str, params: dict, lr: float, *, beta1: float = 0.9, beta2: float = 0.999,
-         eps: float = 1e-8, decay_updates: int = 0):
-    """An optimizer by name ("sgd" or "adam") over the named parameters."""
+         eps: float = 1e-8, decay_updates: int = 0, rates: dict | None = None):
+    """An optimizer by name ("sgd" or "adam") over the named parameters; `rates` gives some
+    of them their own learning rate."""
     if kind == "sgd":
-        return SGD(params, lr)
+        return SGD(params, lr, rates)
     if kind == "adam":
-        return Adam(params, lr, beta1, beta2, eps, decay_updates)
+        return Adam(params, lr, beta1, beta2, eps, decay_updates, rates)
     raise ValueError(f"unknown optimizer {kind!r} (choose from {', '.join(OPTIMIZERS)})")
