@@ -31,6 +31,7 @@ BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 EXIT_FAILED = 1
 EXIT_REFUSED = 2      # a process's own check of the settings failed (a stage's preflight)
+REFUSAL_GRACE_S = 1.0  # after a stage fails, how long the others may take to show a refusal
 EXIT_INTERRUPTED = 130
 GRACE_S = 1.5
 
@@ -147,8 +148,21 @@ class Supervisor:
                 # a stage that fails makes the run fail; one that ends cleanly was told to stop
                 if name != "coordinator" and p.poll() not in (None, 0):
                     self._await_verdict(coord)
-                    return p.returncode, name
+                    return self._first_cause(p.returncode, name)
             tick(0.05)
+
+    def _first_cause(self, status: int, who: str) -> tuple[int, str]:
+        """A stage that refused its settings is the cause, not a peer that timed out on it
+        meanwhile (with a short peer_timeout_s the peers can exit before the refusal shows).
+        Stages still running get a moment, bounded, to end by themselves."""
+        deadline = time.monotonic() + REFUSAL_GRACE_S
+        stages = [(n, p) for n, p in self.procs.items() if n != "coordinator"]
+        while any(p.poll() is None for _, p in stages) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for name, p in stages:
+            if p.poll() == EXIT_REFUSED:
+                return EXIT_REFUSED, name
+        return status, who
 
     def _await_verdict(self, coord) -> None:
         """A stage has failed: let the coordinator see it too and write its own account, or
