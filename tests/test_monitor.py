@@ -11,9 +11,9 @@ from dni_async.measure.clock import CATEGORIES
 from dni_async.runtime import monitor
 
 
-def _watch_run(run_dir, zmq_ctx, mode, *extra):
+def _watch_run(run_dir, zmq_ctx, mode, *extra, epochs=40):
     proc = subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--preset", "tiny",
-                             "--mode", mode, "--epochs", "40", "--run-dir", str(run_dir),
+                             "--mode", mode, "--epochs", str(epochs), "--run-dir", str(run_dir),
                              "--quiet", *extra], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     snaps = []
@@ -38,9 +38,12 @@ def _watch_run(run_dir, zmq_ctx, mode, *extra):
 
 @pytest.mark.parametrize("mode", ["backprop", "cdni"])
 def test_stream_agrees_with_the_summary(no_leftovers, zmq_ctx, mode):
-    spec, snaps, summary = _watch_run(no_leftovers, zmq_ctx, mode)
-    assert len(snaps) >= 3
+    # long enough for several snapshots on a fast host: 40 epochs of cdni took 0.35 s on one
+    spec, snaps, summary = _watch_run(no_leftovers, zmq_ctx, mode, epochs=150)
     assert snaps[-1]["state"] == "done"
+    # a subscriber that joined late misses the first snapshots, and none after that
+    assert [s["seq"] for s in snaps] == list(range(snaps[0]["seq"], snaps[-1]["seq"] + 1))
+    assert len(snaps) >= 3
     cfg = summary["config"]
     total = cfg["epochs"] * (cfg["n_train"] // cfg["batch_size"])
     # counts never go back, and end equal to the run's own
