@@ -312,6 +312,14 @@ def make_config(overrides: dict | None = None, *, preset: str | None = None,
         raise ConfigError(f"generator_per_label needs a generator that sees h and y; in "
                           f"{cfg.mode} it sees {cfg.generator_context()} (use mode cdni, "
                           f"or context = hy)")
+    rate = overrides.get("generator_per_label_lr")
+    asked = rate is not None and cfg.generator_per_label_lr != PRESETS[preset].get(
+        "generator_per_label_lr", 0.0)
+    if (one_mode and asked and cfg.generator_per_label_lr > 0
+            and modes.MODES[cfg.mode].decoupled and not cfg.generator_maps_per_label()):
+        raise ConfigError(f"generator_per_label_lr sets the per-label maps' rate, and this "
+                          f"{cfg.mode} run has none (they need generator_per_label = true and "
+                          f"a generator that sees h and y)")
     return cfg
 
 

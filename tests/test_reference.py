@@ -304,6 +304,9 @@ def test_layers_sets_the_depth_at_the_preset_width():
     ({"mode": "dni", "generator_per_label": True}, "generator_per_label needs a generator that "
                                                    "sees h and y; in dni it sees h"),
     ({"mode": "cdni", "context": "y", "generator_per_label": "true"}, "in cdni it sees y"),
+    ({"mode": "cdni", "generator_per_label_lr": 1e-4}, "this cdni run has none"),
+    ({"mode": "dni", "generator_per_label": True, "generator_per_label_lr": 1e-4},
+     "generator_per_label needs"),
 ])
 def test_bad_new_settings_are_one_clear_line(settings, needle):
     with pytest.raises(ConfigError) as err:
@@ -316,6 +319,19 @@ def test_a_presets_per_label_maps_written_out_read_back_in_any_mode():
     cfg = make_config({"mode": "dni"}, preset="mnist1d")
     again = make_config(cfg.to_dict(), one_mode=True)
     assert again == cfg and again.generator_per_label and not again.generator_maps_per_label()
+
+
+def test_a_rate_for_per_label_maps_is_refused_only_where_asked_for_and_none_exist():
+    with pytest.raises(ConfigError, match="this dni run has none"):
+        make_config({"mode": "dni", "generator_per_label_lr": 1e-4}, preset="mnist1d",
+                    one_mode=True)
+    # the preset's own rate in a mode without the maps is the preset's, not the user's ask
+    assert make_config({"mode": "dni"}, preset="mnist1d", one_mode=True).generator_per_label_lr
+    assert make_config({"mode": "cdni", "generator_per_label_lr": 1e-4}, preset="mnist1d",
+                       one_mode=True).generator_per_label_lr == 1e-4
+    # bench and experiments share settings across modes: not refused there
+    assert make_config({"mode": "dni", "generator_per_label_lr": 1e-4},
+                       preset="mnist1d").generator_per_label_lr == 1e-4
 
 
 def test_per_label_maps_shared_by_several_modes_are_ignored_where_they_cannot_apply():
