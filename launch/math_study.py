@@ -15,7 +15,9 @@ targets on time or 2 steps late and the decoupled layers' learning rate lowered;
 `per_label` (MNIST-1D, 3-6 layers, seeds 1-6: generators with one map of h per label, with
 and without `sg_trust` or `lr_decay`; digits, 3 and 6 layers, seeds 1-3, with and without),
 `generator_lr` (MNIST-1D, 3-6 layers, seeds 1-6: the per-label generators' learning rate),
-`per_label_lr` (the same, with only the per-label maps' rate changed).
+`per_label_lr` (the same, with only the per-label maps' rate changed), `middle` (MNIST-1D, 4
+and 5 layers, seeds 1-6: the preset against a second true boundary, `lr_decay`, a faster
+`sg_trust`, a lower `synthetic_lr`, and targets one step late).
 Every run is the reference trainer; each finished run appends one JSON line to OUT.
 `summary OUT.jsonl` prints the tables.
 """
@@ -207,6 +209,26 @@ def per_label_lr(out):
                     layers=layers, seed=seed, mode="cdni", generator_per_label_lr=rate)
 
 
+def middle(out):
+    """MNIST-1D at 4 and 5 layers over six seeds, where the pipeline left cdni 1 to 3 points
+    under backprop: the preset against what might close it, and the preset with its targets
+    one step late, as the pipeline's are at times."""
+    for name, s in [
+        ("backprop", {"mode": "backprop"}),
+        ("backprop, lr_decay linear", {"mode": "backprop", "lr_decay": "linear"}),
+        ("cdni (preset)", {"mode": "cdni"}),
+        ("cdni, targets 1 late", {"mode": "cdni", "target_delay": 1}),
+        ("cdni, true_boundaries [-1, -2]", {"mode": "cdni", "true_boundaries": [-1, -2]}),
+        ("cdni, lr_decay linear", {"mode": "cdni", "lr_decay": "linear"}),
+        ("cdni, sg_trust 0.3", {"mode": "cdni", "sg_trust": 0.3}),
+        ("cdni, synthetic_lr 5e-3", {"mode": "cdni", "synthetic_lr": 0.005}),
+    ]:
+        for layers in (4, 5):
+            for seed in range(1, 7):
+                run(out, f"mnist1d {layers} layers {name} seed {seed}", "mnist1d",
+                    layers=layers, seed=seed, **s)
+
+
 def _first_stages_at(lr, stages=2):
     """Patch the model builder so that the first `stages` layers learn at `lr`: lockstep has
     no setting for it (`synthetic_lr` is for layers trained on a guess)."""
@@ -277,5 +299,5 @@ if __name__ == "__main__":
     phase, path = sys.argv[1], sys.argv[2]
     {"pick": pick, "table": table, "delay": delay, "norm": context_norm, "longer": longer,
      "deep": deep, "wide": wide, "per_label": per_label,
-     "generator_lr": generator_lr, "per_label_lr": per_label_lr,
+     "generator_lr": generator_lr, "per_label_lr": per_label_lr, "middle": middle,
      "summary": summary}[phase](path)

@@ -38,8 +38,9 @@ def _watch_run(run_dir, zmq_ctx, mode, *extra, epochs=40):
 
 @pytest.mark.parametrize("mode", ["backprop", "cdni"])
 def test_stream_agrees_with_the_summary(no_leftovers, zmq_ctx, mode):
-    # long enough for several snapshots on a fast host: 40 epochs of cdni took 0.35 s on one
-    spec, snaps, summary = _watch_run(no_leftovers, zmq_ctx, mode, epochs=150)
+    # long enough for several snapshots (one every 0.25 s) on a fast host, where 40 epochs of
+    # cdni took 0.35 s and gave 2 snapshots
+    spec, snaps, summary = _watch_run(no_leftovers, zmq_ctx, mode, epochs=300)
     assert snaps[-1]["state"] == "done"
     # a subscriber that joined late misses the first snapshots, and none after that
     assert [s["seq"] for s in snaps] == list(range(snaps[0]["seq"], snaps[-1]["seq"] + 1))
