@@ -14,7 +14,7 @@ from dni_async.oneprocess import reference
 from dni_async.runtime import wire
 from dni_async.config import make_config
 
-EPOCHS = 40
+EPOCHS = 80      # outlasts the fuzzing on a fast host
 PER_SOCKET = 600
 
 
@@ -94,7 +94,7 @@ def test_fuzzing_every_inbound_socket_changes_nothing(tmp_path, zmq_ctx):
 def test_well_formed_but_wrong_messages_crash_nothing_in_cdni(tmp_path, zmq_ctx):
     """Right run id and kind, wrong contents: targets of the wrong height for steps a stage
     is waiting on, loss and eval sums that are not numbers, answers to questions not asked."""
-    proc = start(tmp_path, "cdni", 100)
+    proc = start(tmp_path, "cdni", 200)
     ctx = zmq_ctx
     to_coordinator = 0
     try:

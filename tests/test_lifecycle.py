@@ -23,7 +23,8 @@ def start_train(run_dir, *flags, env=None, sigint=signal.SIG_DFL):
 
 
 def wait_running(run_dir, n_procs, timeout=30):
-    """Until the coordinator and every stage are up and the first epoch is logged."""
+    """Until the coordinator and every stage are up, and a moment more (wait_reported waits
+    for every stage to have trained)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if len(procs_mentioning(str(run_dir))) >= n_procs and (run_dir / "config.json").exists():
@@ -111,7 +112,7 @@ def test_stuck_stage_is_detected_by_application_heartbeats(no_leftovers):
     assert flight["stage-0"]["reported_s_ago"] < 2.0     # a live stage's final report
 
 
-def test_stages_exit_by_themselves_when_the_coordinator_dies(no_leftovers):
+def test_stages_exit_by_themselves_when_the_coordinator_dies(no_leftovers, zmq_ctx):
     from dni_async.runtime import supervisor as launch
     from dni_async.config import make_config
     spec, ipc_dir = launch.prepare(make_config({"mode": "cdni", "epochs": 1000}), str(no_leftovers))
@@ -121,7 +122,7 @@ def test_stages_exit_by_themselves_when_the_coordinator_dies(no_leftovers):
                                stderr=subprocess.PIPE) for k in range(3)]
     coord = subprocess.Popen([*py, "coordinator", path], cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
-        time.sleep(3)
+        wait_reported(no_leftovers, coord, zmq_ctx)   # past the handshake: peers time out
         assert coord.poll() is None and all(s.poll() is None for s in stages)
         t0 = time.monotonic()
         coord.kill()
@@ -199,10 +200,10 @@ def test_a_stopped_coordinator_is_named_by_the_stages_that_lose_it(no_leftovers)
 
 
 def test_a_stage_that_never_says_hello_is_named_not_its_waiting_peers(no_leftovers):
-    proc = start_train(no_leftovers, *QUICK, "--set", "startup_timeout_s=3",
+    proc = start_train(no_leftovers, *QUICK, "--set", "startup_timeout_s=8",
                        env={"DNI_ASYNC_FAULT": "2:hang:0"})
     rc, err = finish(proc, 30)
-    assert rc != 0 and "failed: stage 2 did not say hello within 3 s" in err, err
+    assert rc != 0 and "failed: stage 2 did not say hello within 8 s" in err, err
 
 
 def test_a_stage_that_dies_after_its_final_report_leaves_the_run_complete(no_leftovers):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, cli, end_run, wait_for_spec, wait_gone
-from test_lifecycle import finish, start_train, wait_running
+from test_lifecycle import finish, start_train, wait_reported, wait_running
 
 from dni_async.measure import live
 from dni_async.measure.clock import CATEGORIES
@@ -102,9 +102,10 @@ def test_plain_lines_without_a_terminal(no_leftovers):
     assert any(line.startswith("epoch    20/20") for line in lines)   # the usual lines too
 
 
-def test_ctrl_c_with_live_as_without(no_leftovers):
+def test_ctrl_c_with_live_as_without(no_leftovers, zmq_ctx):
     proc = start_train(no_leftovers, "--mode", "cdni", "--epochs", "1000", "--live")
     wait_running(no_leftovers, 4)
+    wait_reported(no_leftovers, proc, zmq_ctx)     # trained, so there is something to resume
     os.killpg(proc.pid, signal.SIGINT)
     rc, err = finish(proc, 10)
     assert rc == 130, err
@@ -116,7 +117,7 @@ def test_ctrl_c_with_live_as_without(no_leftovers):
 def test_watch_attaches_and_detaches_without_disturbing_the_run(no_leftovers):
     run = no_leftovers / "run"
     train = subprocess.Popen([sys.executable, "-m", "dni_async", "train", "--preset", "tiny",
-                              "--mode", "backprop", "--epochs", "200", "--run-dir", str(run),
+                              "--mode", "backprop", "--epochs", "600", "--run-dir", str(run),
                               "--quiet"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -127,7 +128,7 @@ def test_watch_attaches_and_detaches_without_disturbing_the_run(no_leftovers):
                                  text=True)
         line = first.stdout.readline()
         assert line.startswith("live: running"), line
-        # long enough (200 epochs) that the run is still going when the watcher detaches,
+        # long enough (600 epochs) that the run is still going when the watcher detaches,
         # even on a loaded machine
         assert train.poll() is None
         first.send_signal(signal.SIGINT)
@@ -136,7 +137,7 @@ def test_watch_attaches_and_detaches_without_disturbing_the_run(no_leftovers):
         second = subprocess.run([sys.executable, "-m", "dni_async", "watch", str(run)],
                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr
-        assert "live: done epoch 200/200" in second.stdout
+        assert "live: done epoch 600/600" in second.stdout
         assert "== backprop across 3 stage processes ==" in second.stdout
         out, err = train.communicate(timeout=300)
         assert train.returncode == 0, err

@@ -130,10 +130,16 @@ def test_pipeline_across_network_namespaces(tmp_path, namespaces):
 
 def test_cut_link_is_detected_and_everyone_exits(tmp_path, namespaces):
     path = plan(tmp_path, ADDR["dnic"], [ADDR["dni0"], ADDR["dni1"], ADDR["dni2"]],
-                extra=["--epochs", "100000", "--set", "allow_insecure=true"])
+                extra=["--epochs", "100000", "--set", "allow_insecure=true",
+                       "--checkpoint-every", "20"])
     coord, stages = start_all(path, 3, namespaces)
     try:
-        time.sleep(3)
+        # cut once the run trains (its first checkpoint): before the handshake, peers wait
+        # for the start-up deadline instead
+        deadline = time.monotonic() + 60
+        while not checkpoint.candidates(str(tmp_path)):
+            assert time.monotonic() < deadline and coord.poll() is None, "the run did not start"
+            time.sleep(0.05)
         assert coord.poll() is None
         t0 = time.monotonic()
         assert sh("ip", "link", "set", "vdni1", "down").returncode == 0   # stage 1's cable

@@ -13,7 +13,7 @@ from dni_async.config import make_config
 from dni_async.oneprocess import reference
 from dni_async.runtime import monitor, replay, wire
 
-EPOCHS = {"backprop": 60, "dni": 200}
+EPOCHS = {"backprop": 200, "dni": 500}   # runs that outlast the replays on a fast host
 REPLAYED = 50            # steps 0..49, each sent again to every stage's inbound data sockets
 BATCHES_PER_EPOCH = 20   # tiny: 200 rows in batches of 10
 
@@ -60,7 +60,7 @@ def test_replayed_batches_and_gradients_are_refused(mode, tmp_path, zmq_ctx):
     undisturbed run."""
     proc = start(tmp_path, mode)
     try:
-        spec = wait_for_spec(tmp_path, proc)
+        spec = wait_for_spec(tmp_path, proc, settle=0.0)    # wait_for_batches waits for the run
         run_id, ep = spec["run_id"], spec["endpoints"]
         wait_for_batches(zmq_ctx, spec, proc, REPLAYED)
         sockets = {}

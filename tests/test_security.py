@@ -17,7 +17,7 @@ from dni_async.runtime import wire
 from dni_async.runtime.security import Curve
 from dni_async.config import ConfigError, make_config
 
-SETTINGS = {"mode": "backprop", "epochs": 150}
+SETTINGS = {"mode": "backprop", "epochs": 400}   # outlasts the injections on a fast host
 
 
 def test_default_endpoints_are_local_only(tmp_path):
