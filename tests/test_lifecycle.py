@@ -22,16 +22,13 @@ def start_train(run_dir, *flags, env=None, sigint=signal.SIG_DFL):
         preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
-def wait_running(run_dir, n_procs, timeout=30):
-    """Until the coordinator and every stage are up, and a moment more (wait_reported waits
-    for every stage to have trained)."""
+def wait_running(run_dir, proc, zmq_ctx, n_procs, timeout=30):
+    """Until the coordinator and every stage are up and every stage has trained a batch."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(procs_mentioning(str(run_dir))) >= n_procs and (run_dir / "config.json").exists():
-            time.sleep(1.5)
-            return procs_mentioning(str(run_dir))
+    while len(procs_mentioning(str(run_dir))) < n_procs or not (run_dir / "config.json").exists():
+        assert time.monotonic() < deadline, "pipeline did not start"
         time.sleep(0.05)
-    raise AssertionError("pipeline did not start")
+    wait_reported(run_dir, proc, zmq_ctx, timeout)
 
 
 def finish(proc, timeout):
@@ -45,9 +42,9 @@ def finish(proc, timeout):
 
 # A shell starts background jobs with SIGINT ignored; SIGINT to `train` must still stop it.
 @pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
-def test_ctrl_c_stops_every_process_within_2_s(no_leftovers, inherited):
+def test_ctrl_c_stops_every_process_within_2_s(no_leftovers, zmq_ctx, inherited):
     proc = start_train(no_leftovers, *LONG_RUN, sigint=inherited)
-    wait_running(no_leftovers, 4)
+    wait_running(no_leftovers, proc, zmq_ctx, 4)
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)          # what a terminal's Ctrl-C does
     rc, err = finish(proc, 5)
@@ -55,9 +52,9 @@ def test_ctrl_c_stops_every_process_within_2_s(no_leftovers, inherited):
     assert rc == 130, err
 
 
-def test_sigterm_to_train_alone_stops_everyone(no_leftovers):
+def test_sigterm_to_train_alone_stops_everyone(no_leftovers, zmq_ctx):
     proc = start_train(no_leftovers, *LONG_RUN)
-    wait_running(no_leftovers, 4)
+    wait_running(no_leftovers, proc, zmq_ctx, 4)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     rc, err = finish(proc, 5)
@@ -82,8 +79,7 @@ def wait_reported(run_dir, proc, zmq_ctx, timeout=30):
 
 def test_killed_stage_fails_the_run_within_5_s_naming_it(no_leftovers, zmq_ctx):
     proc = start_train(no_leftovers, *LONG_RUN)
-    wait_running(no_leftovers, 4)
-    wait_reported(no_leftovers, proc, zmq_ctx)
+    wait_running(no_leftovers, proc, zmq_ctx, 4)
     victim = next(p for p in procs_mentioning(str(no_leftovers))
                   if "--rank 1" in open(f"/proc/{p}/cmdline").read().replace("\0", " "))
     t0 = time.monotonic()
@@ -139,9 +135,9 @@ def test_stages_exit_by_themselves_when_the_coordinator_dies(no_leftovers, zmq_c
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-def test_children_die_with_a_killed_train(no_leftovers):
+def test_children_die_with_a_killed_train(no_leftovers, zmq_ctx):
     proc = start_train(no_leftovers, *LONG_RUN)
-    wait_running(no_leftovers, 4)
+    wait_running(no_leftovers, proc, zmq_ctx, 4)
     proc.kill()
     proc.wait()
     assert not wait_gone(str(no_leftovers), 3.0)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, cli, end_run, wait_for_spec, wait_gone
-from test_lifecycle import finish, start_train, wait_reported, wait_running
+from test_lifecycle import finish, start_train, wait_running
 
 from dni_async.measure import live
 from dni_async.measure.clock import CATEGORIES
@@ -104,8 +104,7 @@ def test_plain_lines_without_a_terminal(no_leftovers):
 
 def test_ctrl_c_with_live_as_without(no_leftovers, zmq_ctx):
     proc = start_train(no_leftovers, "--mode", "cdni", "--epochs", "1000", "--live")
-    wait_running(no_leftovers, 4)
-    wait_reported(no_leftovers, proc, zmq_ctx)     # trained, so there is something to resume
+    wait_running(no_leftovers, proc, zmq_ctx, 4)     # trained, so there is something to resume
     os.killpg(proc.pid, signal.SIGINT)
     rc, err = finish(proc, 10)
     assert rc == 130, err

@@ -49,6 +49,15 @@ def end_all(procs):
             p.wait()
 
 
+def wait_for_checkpoints(run_dir, coord, n: int) -> None:
+    """Until the run has `n` checkpoints, the newest finished (its manifest written)."""
+    deadline = time.monotonic() + 60
+    while len(checkpoint.candidates(str(run_dir))) < n or not os.path.exists(
+            os.path.join(checkpoint.candidates(str(run_dir))[0], checkpoint.MANIFEST)):
+        assert time.monotonic() < deadline and coord.poll() is None, "no checkpoints"
+        time.sleep(0.05)
+
+
 def run_and_compare(path, run_dir, wrap=lambda who: []) -> None:
     """Start every process by hand, wait for all to end well, compare with the reference."""
     coord, stages = start_all(path, 3, wrap)
@@ -136,10 +145,7 @@ def test_cut_link_is_detected_and_everyone_exits(tmp_path, namespaces):
     try:
         # cut once the run trains (its first checkpoint): before the handshake, peers wait
         # for the start-up deadline instead
-        deadline = time.monotonic() + 60
-        while not checkpoint.candidates(str(tmp_path)):
-            assert time.monotonic() < deadline and coord.poll() is None, "the run did not start"
-            time.sleep(0.05)
+        wait_for_checkpoints(tmp_path, coord, 1)
         assert coord.poll() is None
         t0 = time.monotonic()
         assert sh("ip", "link", "set", "vdni1", "down").returncode == 0   # stage 1's cable
@@ -179,11 +185,7 @@ def test_a_run_started_by_hand_resumes_elsewhere_from_plan_resume(tmp_path):
                 extra=["--epochs", str(epochs), "--checkpoint-every", "20"])
     coord, stages = start_all(path, 3)
     try:
-        deadline = time.monotonic() + 60
-        while len(checkpoint.candidates(str(tmp_path))) < 2 or not os.path.exists(
-                os.path.join(checkpoint.candidates(str(tmp_path))[0], checkpoint.MANIFEST)):
-            assert time.monotonic() < deadline and coord.poll() is None, "no checkpoints"
-            time.sleep(0.05)
+        wait_for_checkpoints(tmp_path, coord, 2)
     finally:
         end_all([coord, *stages])            # SIGKILL: nothing more is saved
     assert not (tmp_path / "summary.json").exists()
